@@ -149,19 +149,32 @@ class BuildConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    drop_columns: bool = True
+    drop_columns: bool = False
+    """Keep only ``length``/``loss`` in ``data.hf``. bergson defaults to True; we keep the
+    text by default so a store is self-contained for the query service."""
     skip_short_docs: bool = False
     """Keep documents with < 2 tokens as zero rows (bergson's behaviour) instead of failing."""
 
 
 @dataclass
 class ScoreConfig:
+    """bergson's ScoreConfig. ``--modules`` (GradientConfig) doubles as the scored subset."""
+
     query_path: str = ""
     score: Literal["individual", "nearest", "mean", "max"] = "individual"
+    """individual: one column per query; nearest/max: best query; mean: the mean query."""
     query_batch_size: int | None = None
-    precision: Precision = "fp32"
-    modules: list[str] = field(default_factory=list)
+    """Queries per GEMM inside a worker (bounds memory); the data is still read once."""
+    score_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """dtype of ``scores.bin``."""
     higher_is_better: bool = True
     top_k: int = 0
-    """If > 0, also write the top (and with ``bottom_k``, bottom) rows per query as Parquet."""
+    """If > 0, also write ``top_k.parquet`` with the k best rows per query and their text."""
     bottom_k: int = 0
+
+
+@dataclass
+class ScoreRunConfig(BuildConfig):
+    """Everything ``bergson-ray score`` needs: a build's settings plus the query."""
+
+    score: ScoreConfig = field(default_factory=ScoreConfig)

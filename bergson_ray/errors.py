@@ -45,3 +45,14 @@ def unwrap(exc: BaseException) -> BaseException:
             if isinstance(nxt, BaseException):
                 stack.append(nxt)
     return exc
+
+
+def encode_error(err: BergsonRayError) -> str:
+    """``"ClassName: message"``: how a worker reports a user error through Ray Data."""
+    return f"{type(err).__name__}: {err}"
+
+
+def decode_error(text: str) -> BergsonRayError:
+    name, _, message = str(text).partition(": ")
+    classes = {c.__name__: c for c in (BadInputError, StoreError, RunExistsError, BergsonRayError)}
+    return classes.get(name, BergsonRayError)(message)

@@ -27,8 +27,13 @@ VOCAB = 97
 def tiny_neox(bias: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, max_position_embeddings=64, attention_bias=bias,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        attention_bias=bias,
     )
     return GPTNeoXForCausalLM(cfg).float()
 
@@ -202,7 +207,9 @@ def test_adam_normalizer_divides_full_gradient(p):
     norms = {}
     for name, mod in modules.items():
         o, i = weight_as_out_in(mod).shape
-        norms[name] = AdamNormalizer(torch.rand(o, i, generator=g) + 0.1, torch.rand(o, generator=g) + 0.1)
+        norms[name] = AdamNormalizer(
+            torch.rand(o, i, generator=g) + 0.1, torch.rand(o, generator=g) + 0.1
+        )
     eng = GradientEngine(model, cfg, normalizers=norms)
     doc = make_docs((9,))[0]
     row = eng.compute(collate([doc])).rows[0]
@@ -230,7 +237,9 @@ def test_adafactor_normalizer_equals_rank1_scaling(p):
     for name, mod in modules.items():
         o, i = weight_as_out_in(mod).shape
         norms[name] = AdafactorNormalizer(
-            torch.rand(o, generator=g) + 0.1, torch.rand(i, generator=g) + 0.1, torch.rand(o, generator=g) + 0.1
+            torch.rand(o, generator=g) + 0.1,
+            torch.rand(i, generator=g) + 0.1,
+            torch.rand(o, generator=g) + 0.1,
         )
     eng = GradientEngine(model, cfg, normalizers=norms)
     doc = make_docs((9,))[0]
@@ -257,7 +266,9 @@ def test_attention_head_split_concatenates_to_module_gradient():
         split_attention_modules=[name], attention=AttentionConfig(num_heads=4, head_size=24)
     )
     eng = GradientEngine(model, cfg)
-    assert [k for k in eng.grad_sizes if k.startswith(name)] == [f"{name}.head_{h}" for h in range(4)]
+    assert [k for k in eng.grad_sizes if k.startswith(name)] == [
+        f"{name}.head_{h}" for h in range(4)
+    ]
     split = eng.compute(collate(make_docs())).rows
     whole = GradientEngine(model, GradientConfig()).compute(collate(make_docs())).rows
     # heads are row blocks of the [O, I] gradient; the flattened concatenation is identical

@@ -38,7 +38,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log_level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, modname in COMMANDS.items():
+    for modname in COMMANDS.values():
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as err:

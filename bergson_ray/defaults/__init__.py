@@ -1,0 +1,19 @@
+"""Locally built default assets (the ``tiny`` model and corpus); nothing is downloaded."""
+
+from bergson_ray.defaults.tiny import (
+    TinyAssets,
+    ensure_tiny_assets,
+    load_tiny_tokenizer,
+    make_long_corpus,
+    resolve_dataset,
+    resolve_model_path,
+)
+
+__all__ = [
+    "TinyAssets",
+    "ensure_tiny_assets",
+    "load_tiny_tokenizer",
+    "make_long_corpus",
+    "resolve_dataset",
+    "resolve_model_path",
+]

@@ -1,0 +1,101 @@
+"""Load a causal LM and its tokenizer from a hub id, a local dir, or ``tiny``.
+
+Kept free of Ray so the workers, the query actor and the in-process Attributor
+load models the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import TINY, ModelConfig
+from ..errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp64": torch.float64,
+}
+
+
+def resolve_model_name(name: str) -> str:
+    """``tiny`` -> the embedded default's dir; a local path must exist; hub ids pass through."""
+    if name == TINY:
+        from ..defaults.tiny import ensure_tiny_assets
+
+        return str(ensure_tiny_assets().model_dir)
+    if _looks_local(name) and not Path(os.path.expanduser(name)).exists():
+        raise BadInputError(f"model path {name} does not exist")
+    return os.path.expanduser(name)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def torch_dtype(precision: str) -> torch.dtype | str:
+    if precision == "auto":
+        return "auto"
+    if precision not in DTYPES:
+        raise BadInputError(f"unknown precision {precision!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[precision]
+
+
+def parse_kwargs(text: str) -> dict:
+    """``"k=v,k2=3"`` -> dict with ints/floats/bools parsed (bergson's model_kwargs syntax)."""
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise BadInputError(f"expected key=value in {text!r}, got {part!r}")
+        k, v = part.split("=", 1)
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[k] = cast(v)
+                break
+            except ValueError:
+                pass
+        else:
+            out[k] = v.split("|") if "|" in v else v
+    return out
+
+
+def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
+    """Return ``(model, tokenizer)`` with the model in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = resolve_model_name(cfg.model)
+    kwargs = parse_kwargs(cfg.model_kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(name),
+            revision=cfg.revision,
+            dtype=torch_dtype(cfg.precision),
+            **kwargs,
+        )
+    except (OSError, ValueError) as err:
+        raise BadInputError(f"could not load model {cfg.model!r}: {err}") from err
+    tok_name = resolve_model_name(cfg.tokenizer) if cfg.tokenizer else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(tok_name), revision=cfg.revision)
+    except (OSError, ValueError) as err:
+        raise BadInputError(f"could not load tokenizer {tok_name!r}: {err}") from err
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def max_model_length(model, tokenizer) -> int | None:
+    n = getattr(model.config, "max_position_embeddings", None)
+    t = getattr(tokenizer, "model_max_length", None)
+    cands = [x for x in (n, t) if isinstance(x, int) and 0 < x < 10**8]
+    return min(cands) if cands else None

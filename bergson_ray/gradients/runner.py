@@ -1,0 +1,220 @@
+"""Rows of a dataset in, gradient rows out: the work one Ray worker does per batch.
+
+``GradientRunner`` owns the model, tokenizer and engine for one worker process. It
+reads the requested rows itself (workers receive only row indices through Ray
+Data, so the driver never ships text), tokenizes, packs documents by token budget
+(longest first, so padding stays small) and runs the engine batch by batch.
+
+It knows nothing of Ray: the same object serves Ray actors, the query actor and
+local single-process runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import BatchConfig, DataConfig, GradientConfig, ModelConfig, PreprocessConfig
+from ..errors import BadInputError
+from .engine import BatchResult, GradientEngine
+from .model_loading import load_model, max_model_length
+from .normalizers import load_optimizer_normalizers
+from .preprocess import RowPreprocessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerSpec:
+    """Everything a worker needs to rebuild the engine; small and picklable."""
+
+    model: ModelConfig
+    grad: GradientConfig
+    data: DataConfig
+    batch: BatchConfig
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    skip_short_docs: bool = False
+    device: str = "cpu"
+    advantages: np.ndarray | None = None
+    """Per-row advantage (GRPO), indexed by dataset row; computed once by the driver."""
+
+
+def numpy_rows(x: torch.Tensor) -> np.ndarray:
+    """Tensor -> numpy without losing bf16 (shipped as its uint16 bit pattern)."""
+    if x.dtype == torch.bfloat16:
+        return x.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return x.numpy()
+
+
+class GradientRunner:
+    """Loads the model once; turns row-index batches into per-document results."""
+
+    def __init__(self, spec: RunnerSpec):
+        from ..data.loading import RowSource
+
+        self.spec = spec
+        model, self.tokenizer = load_model(spec.model, spec.device)
+        normalizers = None
+        if spec.grad.optimizer_state:
+            from .modules import find_target_modules
+
+            mods = find_target_modules(model, spec.grad)
+            normalizers = load_optimizer_normalizers(
+                spec.grad.optimizer_state, model, mods, spec.grad.include_bias
+            )
+        self.engine = GradientEngine(model, spec.grad, normalizers=normalizers)
+        self.source = RowSource(spec.data)
+        limit = max_model_length(model, self.tokenizer)
+        if spec.data.truncation:
+            budget = spec.batch.token_batch_size
+            limit = min(limit, budget) if limit else budget
+        self.max_length = limit
+        pre = RowPreprocessor(spec.preprocess, self.engine.grad_sizes, spec.device)
+        self.postprocess: Callable[[torch.Tensor], torch.Tensor] | None = pre if pre.active else None
+
+    # -- pieces ------------------------------------------------------------------
+    def tokenize(self, idx: np.ndarray) -> list:
+        from ..data.tokenize import tokenize_rows
+
+        rows = self.source.rows(idx)
+        docs = tokenize_rows(rows, self.tokenizer, self.spec.data, self.max_length)
+        if self.spec.advantages is not None:
+            for d, i in zip(docs, idx):
+                d.advantage = float(self.spec.advantages[int(i)])
+        short = [int(i) for d, i in zip(docs, idx) if len(d.input_ids) < 2]
+        if short and not self.spec.skip_short_docs:
+            raise BadInputError(
+                f"dataset row(s) {short[:10]} tokenize to fewer than 2 tokens, so they have no "
+                "next-token loss and no gradient. Remove empty documents, or pass "
+                "--skip_short_docs to store zero rows for them (bergson's behaviour)."
+            )
+        return docs
+
+    def batches(self, docs: list) -> list[list[int]]:
+        """Positions of documents with >= 2 tokens, packed by token budget."""
+        from ..data.batching import pack_by_token_budget
+
+        keep = [j for j, d in enumerate(docs) if len(d.input_ids) >= 2]
+        plan = pack_by_token_budget(
+            [len(docs[j].input_ids) for j in keep],
+            self.spec.batch.token_batch_size,
+            self.spec.batch.max_batch_size,
+        )
+        return [[keep[k] for k in b] for b in plan]
+
+    def run_docs(self, docs: list):
+        """Yield ``(positions, BatchResult)`` for every packed batch of ``docs``."""
+        from ..data.batching import collate
+
+        for positions in self.batches(docs):
+            yield positions, self.engine.compute(collate([docs[j] for j in positions]))
+
+    # -- the worker's job ----------------------------------------------------------
+    def gradients(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-document gradient rows (or per-token rows) for dataset rows ``idx``."""
+        idx = np.asarray(idx, dtype=np.int64)
+        docs = self.tokenize(idx)
+        n = len(idx)
+        lengths = np.array([len(d.input_ids) for d in docs], dtype=np.int64)
+        loss = np.zeros(n, dtype=np.float32)
+        dtype = self.engine.store_dtype
+        if self.spec.grad.attribute_tokens:
+            token_rows: list = [np.zeros((0, self.engine.dim), np.float32)] * n
+        else:
+            rows = torch.zeros(n, self.engine.dim, dtype=dtype)
+        for positions, res in self.run_docs(docs):
+            loss[positions] = res.loss.numpy()
+            if self.spec.grad.attribute_tokens:
+                self._scatter_tokens(token_rows, positions, res)
+            else:
+                r = res.rows
+                if self.postprocess is not None:
+                    r = self.postprocess(r.float()).to(dtype)
+                rows[positions] = r
+        out = {"idx": idx, "loss": loss, "length": lengths}
+        if self.spec.grad.attribute_tokens:
+            out["token_count"] = np.maximum(lengths - 1, 0)
+            # one [count_i, D] array per document: a ragged tensor column in Ray Data
+            ragged = np.empty(n, dtype=object)
+            for i, r in enumerate(token_rows):
+                ragged[i] = r
+            out["grads"] = ragged
+        else:
+            out["grads"] = numpy_rows(rows)
+        return out
+
+    def partial_sum(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """fp64 sum of the preprocessed rows of dataset rows ``idx`` (for ``reduce``)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        docs = self.tokenize(idx)
+        total = torch.zeros(self.engine.dim, dtype=torch.float64)
+        loss = np.zeros(len(idx), dtype=np.float32)
+        for positions, res in self.run_docs(docs):
+            loss[positions] = res.loss.numpy()
+            rows = res.rows.float()
+            if self.postprocess is not None:
+                rows = self.postprocess(rows)
+            total += rows.sum(dim=0, dtype=torch.float64)
+        lengths = np.array([len(d.input_ids) for d in docs], dtype=np.int64)
+        return {"idx": idx, "loss": loss, "length": lengths, "sum": total.numpy()}
+
+    def scores(
+        self, idx: np.ndarray, query: torch.Tensor, mode: str, query_batch_size: int | None
+    ) -> dict[str, np.ndarray]:
+        """Scores of dataset rows ``idx`` against ``query``; gradients are never kept.
+
+        Rows are preprocessed first (index side: ``H^{-1/2}`` and unit norm in cosine
+        mode), then scored batch by batch. Per-token mode returns one ``[count, Q]``
+        array per document.
+        """
+        from .scoring import num_score_columns, score_rows
+
+        idx = np.asarray(idx, dtype=np.int64)
+        docs = self.tokenize(idx)
+        n = len(idx)
+        cols = num_score_columns(len(query), mode)
+        lengths = np.array([len(d.input_ids) for d in docs], dtype=np.int64)
+        loss = np.zeros(n, dtype=np.float32)
+        per_token = self.spec.grad.attribute_tokens
+        out_scores = (
+            [np.zeros((0, cols), np.float32)] * n if per_token else np.zeros((n, cols), np.float32)
+        )
+        for positions, res in self.run_docs(docs):
+            loss[positions] = res.loss.numpy()
+            rows = res.token_rows if per_token else res.rows
+            rows = rows.float()
+            if self.postprocess is not None:
+                rows = self.postprocess(rows)
+            s = score_rows(rows, query, mode, query_batch_size).numpy()
+            if per_token:
+                start = 0
+                for j, c in zip(positions, res.token_counts.tolist()):
+                    out_scores[j] = s[start : start + c]
+                    start += c
+            else:
+                out_scores[positions] = s
+        out = {"idx": idx, "loss": loss, "length": lengths}
+        if per_token:
+            ragged = np.empty(n, dtype=object)
+            for i, r in enumerate(out_scores):
+                ragged[i] = r
+            out["scores"] = ragged
+            out["token_count"] = np.maximum(lengths - 1, 0) * (lengths >= 2)
+        else:
+            out["scores"] = out_scores
+        return out
+
+    def _scatter_tokens(self, token_rows: list, positions: list[int], res: BatchResult) -> None:
+        counts = res.token_counts.tolist()
+        start = 0
+        for j, c in zip(positions, counts):
+            r = res.token_rows[start : start + c]
+            if self.postprocess is not None:
+                r = self.postprocess(r.float()).to(res.token_rows.dtype)
+            token_rows[j] = numpy_rows(r)
+            start += c
+

@@ -1,0 +1,124 @@
+"""The loss whose gradients define the Fisher the factors estimate.
+
+* True Fisher (default): at every position that carries a dataset label, a label
+  is *sampled* from the model's own predictive distribution and the summed
+  cross-entropy of those samples is backpropagated. Positions without a dataset
+  label (prompt tokens, padding) get no label, so they contribute no loss and,
+  with causal attention and right padding, padding cannot leak into real
+  positions' gradients (bergson-spec §11.2).
+* Empirical Fisher (``use_dataset_labels``): the dataset labels themselves.
+
+The sampled labels must not depend on batching, or factors would change with the
+token budget and worker count. Each position's uniform is a hash of ``(seed,
+doc_id, position)`` (``doc_id`` = the dataset row index) and the label is the
+inverse-CDF sample of it: same document, same labels, whatever it is packed
+with, on any worker, in any order.
+
+``loss_reduction='mean'`` divides each document's loss by the square root of its
+label count: the outer product of the gradient then carries the ``1/count``
+of a mean-loss Hessian (bergson 2.5's convention).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
+_M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_M2 = -7723592293110705685  # 0x94D049BB133111EB
+SAMPLE_CHUNK_ELEMENTS = 1 << 23
+"""Positions x vocabulary per softmax/cumsum chunk (bounds the fp64 temporaries)."""
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (multiplication wraps mod 2⁶⁴)."""
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    return z ^ _shr(z, 31)
+
+
+def position_uniforms(doc_ids: torch.Tensor, positions: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A uniform in [0, 1) per (seed, document, position), fp64; pure function of the three.
+
+    Counter-based (a hash, not a generator stream), so a label depends only on
+    which document and position it belongs to, never on batch composition,
+    padding or the order in which documents are processed.
+    """
+    doc_ids = doc_ids.to(torch.int64)
+    positions = positions.to(torch.int64)
+    key = _splitmix64(torch.full_like(doc_ids, int(seed) & 0x7FFFFFFF) + _GOLDEN)
+    z = _splitmix64(key ^ _splitmix64(doc_ids * _GOLDEN + positions))
+    return _shr(z, 11).double() * (2.0**-53)
+
+
+def sample_labels(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lengths: torch.Tensor,
+    doc_ids: torch.Tensor,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Model-sampled labels in HF layout (``[N, S]``, ``-100`` where no loss).
+
+    ``logits [N, S, V]`` are the model outputs, ``labels [N, S]`` the dataset
+    labels (only their ``!= -100`` pattern is used), ``lengths [N]`` the real
+    lengths and ``doc_ids [N]`` the documents' dataset row indices.
+    """
+    n, s, v = logits.shape
+    device = logits.device
+    lengths = torch.as_tensor(lengths, device=device)
+    doc_ids = torch.as_tensor(doc_ids, device=device)
+    out = torch.full((n, s), -100, dtype=torch.long, device=device)
+    pos = torch.arange(s - 1, device=device)
+    # Position t's logits predict token t + 1.
+    wanted = (labels[:, 1:].to(device) != -100) & (pos[None, :] + 1 < lengths[:, None])
+    rows, cols = wanted.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return out
+    u = position_uniforms(doc_ids[rows], cols, seed)
+    chunk = max(1, SAMPLE_CHUNK_ELEMENTS // v)
+    with torch.no_grad():
+        for start in range(0, rows.numel(), chunk):
+            r, c = rows[start : start + chunk], cols[start : start + chunk]
+            cdf = torch.softmax(logits[r, c].double(), dim=-1).cumsum(dim=-1)
+            target = (u[start : start + chunk] * cdf[:, -1])[:, None]
+            idx = torch.searchsorted(cdf, target).squeeze(1).clamp_max(v - 1)
+            out[r, c + 1] = idx
+    return out
+
+
+def fisher_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    use_dataset_labels: bool = False,
+    seed: int = 0,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Scalar loss to backpropagate once per batch (sum over documents)."""
+    if not use_dataset_labels:
+        if doc_ids is None:
+            raise ValueError("the true Fisher needs doc_ids to seed each document's labels")
+        labels = sample_labels(logits, labels, lengths, doc_ids, seed)
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    tok = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    per_doc = tok.sum(dim=1)
+    if reduction == "mean":
+        per_doc = per_doc / (shift_labels != -100).sum(dim=1).clamp_min(1).sqrt()
+    elif reduction != "sum":
+        raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {reduction!r}")
+    return per_doc.sum()

@@ -1,0 +1,225 @@
+"""Batches in, per-module Hessian statistics out: the work of one Hessian worker.
+
+:class:`FactorFitter` runs the Fisher loss (``fisher.py``) forward and backward
+through the module taps and feeds each module's ``(a, g, mask)`` to its
+accumulator: KFAC-family factors in the first pass, EK-FAC eigenvalue
+corrections (given the eigenbases) in the second. :class:`GramFitter` feeds the
+gradient engine's processed rows to dense Gram accumulators (autocorrelation).
+
+Both only *add*: a worker calls ``accumulate`` for as many batches as it likes
+and ships ``state_dicts()`` once, so the traffic to the shard actors does not
+grow with the number of batches. Nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import GradientConfig
+from ..gradients.hooks import InputGradSwitch, ModuleTaps
+from ..gradients.losses import collection_mask
+from ..gradients.modules import find_target_modules, weight_shape
+from .accumulator import SummedState
+from .autocorrelation import GramAccumulator
+from .config import HessianConfig, torch_dtype
+from .ev_correction import EigenCorrectionAccumulator
+from .fisher import fisher_loss
+from .methods import make_factor_accumulator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """Shape of one target module as the Hessian sees it."""
+
+    out_features: int
+    in_features: int
+    bias: bool
+
+    @property
+    def in_dim(self) -> int:
+        """``I'``: input features plus the bias column."""
+        return self.in_features + int(self.bias)
+
+    @property
+    def factor_cost(self) -> int:
+        """Eigendecomposition work (``d³``) of the two factors."""
+        return self.in_dim**3 + self.out_features**3
+
+    @property
+    def factor_bytes_per_elem(self) -> int:
+        return self.in_dim**2 + self.out_features**2
+
+
+def module_specs(model: nn.Module, grad_cfg: GradientConfig) -> dict[str, ModuleSpec]:
+    """Target modules (bergson's names and order) with their ``(O, I, bias)``."""
+    out = {}
+    for name, mod in find_target_modules(model, grad_cfg).items():
+        o, i = weight_shape(mod)
+        bias = bool(grad_cfg.include_bias and getattr(mod, "bias", None) is not None)
+        out[name] = ModuleSpec(o, i, bias)
+    return out
+
+
+def empty_factor_accumulators(
+    specs: Mapping[str, ModuleSpec], hessian_cfg: HessianConfig, device: str = "cpu"
+) -> dict[str, SummedState]:
+    dtype = torch_dtype(hessian_cfg.hessian_dtype)
+    return {
+        name: make_factor_accumulator(
+            hessian_cfg.method,
+            s.in_features,
+            s.out_features,
+            bias=s.bias,
+            dtype=dtype,
+            device=device,
+        )
+        for name, s in specs.items()
+    }
+
+
+class _TapRouter:
+    """Tap consumer: keeps each module's input until its output gradient arrives."""
+
+    def __init__(self, accumulators: Mapping[str, SummedState]):
+        self.accumulators = accumulators
+        self.mask: torch.Tensor | None = None
+        self._inputs: dict[str, torch.Tensor] = {}
+
+    def on_forward(self, name: str, module: nn.Module, a: torch.Tensor) -> None:
+        # A reference, not a copy: autograd keeps this tensor alive anyway.
+        self._inputs[name] = a
+
+    def on_backward(self, name: str, module: nn.Module, g: torch.Tensor) -> None:
+        a = self._inputs.pop(name)
+        self.accumulators[name].update(a, g, self.mask)  # type: ignore[attr-defined]
+
+
+class FactorFitter:
+    """Accumulates factor statistics (or EK-FAC corrections) of a model's target modules.
+
+    ``eigenbases`` (module -> ``(Q_A, Q_G)``) switches to the EK-FAC correction pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        grad_cfg: GradientConfig,
+        hessian_cfg: HessianConfig,
+        *,
+        eigenbases: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
+        self.model = model.eval().requires_grad_(False)
+        self.grad_cfg = grad_cfg
+        self.cfg = hessian_cfg
+        self.modules = find_target_modules(model, grad_cfg)
+        self.specs = module_specs(model, grad_cfg)
+        self.device = next(model.parameters()).device
+        dtype = torch_dtype(hessian_cfg.hessian_dtype)
+        if eigenbases is None:
+            self.accumulators = empty_factor_accumulators(self.specs, hessian_cfg, str(self.device))
+        else:
+            missing = set(self.specs) - set(eigenbases)
+            if missing:
+                raise ValueError(f"no eigenbasis for module(s) {sorted(missing)}")
+            self.accumulators = {
+                name: EigenCorrectionAccumulator(
+                    *eigenbases[name], bias=s.bias, dtype=dtype, device=self.device
+                )
+                for name, s in self.specs.items()
+            }
+        self.router = _TapRouter(self.accumulators)
+        self.num_positions = 0
+        self.num_batches = 0
+
+    def accumulate(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        lengths: torch.Tensor,
+        doc_ids: torch.Tensor,
+    ) -> int:
+        """One right-padded batch forward and backward; returns its collected positions."""
+        input_ids = input_ids.to(self.device)
+        labels = labels.to(self.device)
+        lengths = torch.as_tensor(lengths, device=self.device)
+        mask = collection_mask(lengths, input_ids.shape[1])
+        self.router.mask = mask
+        with torch.enable_grad(), InputGradSwitch(self.model), ModuleTaps(self.modules, self.router):
+            logits = self.model(input_ids).logits
+            loss = fisher_loss(
+                logits,
+                labels,
+                lengths,
+                doc_ids=torch.as_tensor(doc_ids),
+                use_dataset_labels=self.cfg.use_dataset_labels,
+                seed=self.cfg.seed,
+                reduction=self.grad_cfg.loss_reduction,
+            )
+            loss.backward()
+        if self.router._inputs:  # a module ran forward but got no gradient
+            stale = sorted(self.router._inputs)
+            self.router._inputs.clear()
+            raise RuntimeError(f"no output gradient reached module(s) {stale[:5]}")
+        n = int(mask.sum())
+        self.num_positions += n
+        self.num_batches += 1
+        return n
+
+    def accumulate_batch(self, batch, doc_ids) -> int:
+        """A ``data.batching.PackedBatch`` (``input_ids``, ``labels``, ``lengths``)."""
+        return self.accumulate(batch.input_ids, batch.labels, batch.lengths, doc_ids)
+
+    def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Module -> the accumulator's running sums (CPU tensors)."""
+        return {k: {n: t.cpu() for n, t in a.state_dict().items()} for k, a in self.accumulators.items()}
+
+    def reset(self) -> None:
+        for a in self.accumulators.values():
+            a.reset()
+        self.num_positions = self.num_batches = 0
+
+
+class GramFitter:
+    """Dense second moments of the engine's processed rows, per stored block."""
+
+    def __init__(self, engine, hessian_cfg: HessianConfig):
+        self.engine = engine
+        dtype = torch_dtype(hessian_cfg.hessian_dtype)
+        self.accumulators = {
+            name: GramAccumulator(size, dtype=dtype) for name, size in engine.grad_sizes.items()
+        }
+        self.num_batches = 0
+
+    def add_rows(self, rows: torch.Tensor, num_rows: int | None = None) -> None:
+        """Split flat ``[R, D]`` rows by ``grad_sizes`` and add each block's Gram."""
+        start = 0
+        for name, size in self.engine.grad_sizes.items():
+            self.accumulators[name].update_rows(rows[:, start : start + size], num_rows)
+            start += size
+
+    def add_empty_rows(self, n: int) -> None:
+        """Rows that exist but are zero (documents with < 2 tokens)."""
+        for acc in self.accumulators.values():
+            acc.add_rows_count(n)
+
+    def accumulate_batch(self, batch) -> int:
+        res = self.engine.compute(batch)
+        rows = res.token_rows if res.rows is None else res.rows
+        self.add_rows(rows.float())
+        self.num_batches += 1
+        return int(rows.shape[0])
+
+    def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {k: {n: t.cpu() for n, t in a.state_dict().items()} for k, a in self.accumulators.items()}
+
+    def reset(self) -> None:
+        for a in self.accumulators.values():
+            a.reset()
+        self.num_batches = 0

@@ -1,0 +1,107 @@
+"""``reduce``: one mean (or sum) gradient of a dataset, aggregated by a reducer actor.
+
+Same workers and data path as ``build``; instead of returning rows, each worker
+sends a per-batch partial sum (fp64) to a single :class:`~bergson_ray.actors.reducer.Reducer`.
+The result is a one-row fp32 store usable as ``score --query_path``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import BuildConfig
+from ..errors import BadInputError
+from .build import Progress, as_config, open_dataset, runner_spec, validate
+from .common import configure_data_context, index_dataset, plan_layout, stream, worker_pool
+
+log = logging.getLogger(__name__)
+
+
+def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None, **overrides) -> Path:
+    """Aggregate a dataset's (preprocessed) gradients into one row; returns the run dir."""
+    import datasets
+    import ray
+
+    from ..actors.reduce_worker import ReduceWorker
+    from ..actors.reducer import Reducer
+    from ..gradients.preprocess import unit_normalize
+    from ..store.gradient_store import GradientStoreWriter
+    from ..store.processor import ProcessorConfig, save_processor, write_total_processed
+    from ..store.run_dir import RunDir
+    from ..utils.ray_env import init_ray
+
+    cfg = as_config(BuildConfig, cfg, **overrides)
+    if cfg.preprocess.aggregation == "none":
+        cfg.preprocess = dataclasses.replace(cfg.preprocess, aggregation="mean")
+    if cfg.grad.attribute_tokens:
+        raise BadInputError("reduce aggregates documents; it cannot be combined with attribute_tokens")
+    validate(cfg)
+    if cfg.run.resume:
+        log.warning("reduce keeps its running sum in memory: --resume recomputes from scratch")
+    run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite or cfg.run.resume)
+    part = Path(run.part)
+    t0 = time.perf_counter()
+    ds, advantages = open_dataset(cfg)
+    layout = plan_layout(cfg.model, cfg.grad)
+    n = len(ds)
+    progress = Progress(part, n)
+
+    init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
+    configure_data_context()
+    pool = worker_pool(cfg.ray)
+    reducer = Reducer.remote(n, layout.dim)
+    out_ds = index_dataset(np.arange(n), cfg.ray.window_size).map_batches(
+        ReduceWorker,
+        fn_constructor_kwargs={
+            "spec": runner_spec(cfg, pool.device, advantages),
+            "reducer": reducer,
+            "torch_threads": pool.torch_threads,
+            "chaos": _chaos,
+        },
+        batch_size=cfg.ray.window_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool.size),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+    )
+    for out in stream(out_ds, n, "reduce"):
+        progress.update(out)
+    total, counted, dups = ray.get(reducer.result.remote())
+    ray.kill(reducer)
+    if counted != n:
+        raise RuntimeError(f"reducer counted {counted} of {n} documents")
+    if dups:
+        log.info("reducer ignored %d re-sent batches (worker restarts)", dups)
+    # bergson divides by len(dataset), counting documents too short to have a gradient
+    row = total / n if cfg.preprocess.aggregation == "mean" else total
+    row = row.astype(np.float32)[None, :]
+    if cfg.preprocess.normalize_aggregated_grad:
+        row = unit_normalize(torch.from_numpy(row)).numpy()
+
+    writer = GradientStoreWriter(part, num_items=1, grad_sizes=layout.grad_sizes, dtype="float32")
+    writer.write_rows([0], row)
+    writer.close()
+    datasets.Dataset.from_dict({"query_index": [0]}).save_to_disk(str(part / "data.hf"))
+    run.write_config(cfg, command="build")  # a reduce store is a (one-row) build store
+    save_processor(part, ProcessorConfig.from_gradient_config(cfg.grad))
+    lengths = np.asarray(progress.length)
+    write_total_processed(part, int(np.maximum(lengths - 1, 0).sum()))
+    run.write_summary(
+        {
+            "command": "reduce",
+            "aggregation": cfg.preprocess.aggregation,
+            "documents": n,
+            "tokens": int(lengths.sum()),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "mean_loss": float(np.asarray(progress.loss).mean()),
+        }
+    )
+    shutil.rmtree(part / "progress", ignore_errors=True)
+    return Path(run.commit())

@@ -1,0 +1,274 @@
+"""``score``: stream a dataset through gradient workers and score it against a query store.
+
+The query store is read once by the driver, turned into the final query matrix
+(module subset, preconditioning, normalization, aggregation) and put in the object
+store; each worker fetches it once. Workers compute gradients and immediately
+reduce them to scores, so gradients are never written and memory stays flat in
+corpus size. Scores land in bergson's ``scores.bin`` layout at their row index with
+``written`` flags, which is what ``--resume`` uses to skip finished rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import BuildConfig, PreprocessConfig, ScoreRunConfig
+from ..errors import BadInputError, StoreError
+from .build import Progress, as_config, open_dataset, runner_spec, token_offsets, write_data_hf
+from .common import configure_data_context, index_dataset, plan_layout, stream, worker_pool
+
+log = logging.getLogger(__name__)
+
+SCORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_query_compatible(query_path: Path, cfg: ScoreRunConfig) -> None:
+    """Refuse a query store made with other projection settings (its numbers live elsewhere)."""
+    from ..store.processor import ProcessorConfig
+
+    qp = ProcessorConfig.load(query_path)
+    if qp is None:
+        return
+    mine = ProcessorConfig.from_gradient_config(cfg.grad)
+    diffs = [
+        f"{f}: query {getattr(qp, f)!r} vs this run {getattr(mine, f)!r}"
+        for f in ("projection_dim", "projection_type", "projection_target", "include_bias")
+        if getattr(qp, f) != getattr(mine, f)
+    ]
+    if qp.projection_dim and qp.projection_scale != mine.projection_scale:
+        diffs.append(f"projection_scale: {qp.projection_scale!r} vs {mine.projection_scale!r}")
+    if diffs:
+        raise BadInputError(
+            f"query store {query_path} was built with other gradient settings: " + "; ".join(diffs)
+        )
+
+
+def query_preprocess_done(query_path: Path) -> PreprocessConfig | None:
+    """What the query store's own build already applied (None for stores we can't read)."""
+    from ..config_io import load_step_config
+
+    try:
+        return load_step_config(query_path, BuildConfig).preprocess
+    except (StoreError, ValueError, TypeError):
+        return None
+
+
+def load_query_matrix(cfg: ScoreRunConfig, target_sizes: dict[str, int]) -> torch.Tensor:
+    from ..gradients.scoring import prepare_query
+    from ..store.gradient_store import GradientStore
+
+    if not cfg.score.query_path:
+        raise BadInputError("--query_path is required (a store written by build or reduce)")
+    qpath = Path(cfg.score.query_path)
+    if not qpath.exists():
+        raise BadInputError(f"--query_path {qpath} does not exist")
+    store = GradientStore.open(qpath)
+    check_query_compatible(qpath, cfg)
+    if store.num_grads == 0:
+        raise BadInputError(f"query store {qpath} has no rows")
+    rows = store.rows(np.arange(store.num_grads))
+    pre = cfg.preprocess
+    preconditioner = None
+    if pre.hessian_path:
+        from ..hessians.preconditioner import load_preconditioner
+
+        preconditioner = load_preconditioner(
+            pre.hessian_path,
+            inversion=pre.inversion,
+            damping_factor=pre.damping_factor,
+            ev_correction=pre.ev_correction,
+            modules=list(target_sizes),
+        )
+    return prepare_query(
+        rows,
+        store.grad_sizes,
+        target_sizes,
+        pre,
+        done_at_build=query_preprocess_done(qpath),
+        mode=cfg.score.score,
+        preconditioner=preconditioner,
+    )
+
+
+def index_side_preprocess(pre: PreprocessConfig) -> PreprocessConfig:
+    """Training rows: cosine -> ``H^{-1/2}`` and unit norm; inner product -> untouched."""
+    return dataclasses.replace(
+        pre,
+        hessian_path=pre.hessian_path if pre.unit_normalize else None,
+        aggregation="none",
+        normalize_aggregated_grad=False,
+    )
+
+
+def streaming_topk(scores, k: int, bottom_k: int, chunk: int = 1 << 16):
+    """Row ids of the k best / bottom_k worst rows per column, reading ``scores`` in chunks."""
+    n, q = scores.shape
+    top = [np.zeros(0, np.int64) for _ in range(q)]
+    bot = [np.zeros(0, np.int64) for _ in range(q)]
+    top_v = [np.zeros(0, np.float32) for _ in range(q)]
+    bot_v = [np.zeros(0, np.float32) for _ in range(q)]
+    for lo in range(0, n, chunk):
+        block = np.asarray(scores[lo : lo + chunk], dtype=np.float32)
+        ids = np.arange(lo, lo + len(block))
+        for j in range(q):
+            for keep, vals, idx, largest in ((k, top_v, top, True), (bottom_k, bot_v, bot, False)):
+                if keep <= 0:
+                    continue
+                v = np.concatenate([vals[j], block[:, j]])
+                i = np.concatenate([idx[j], ids])
+                order = np.argsort(-v if largest else v, kind="stable")[:keep]
+                vals[j], idx[j] = v[order], i[order]
+    return top, top_v, bot, bot_v
+
+
+def write_topk(part: Path, store_scores, texts, k: int, bottom_k: int) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    top, top_v, bot, bot_v = streaming_topk(store_scores, k, bottom_k)
+    rows = {"query": [], "rank": [], "direction": [], "row": [], "score": [], "text": []}
+    for q in range(len(top)):
+        for direction, ids, vals in (("top", top[q], top_v[q]), ("bottom", bot[q], bot_v[q])):
+            for rank, (r, s) in enumerate(zip(ids.tolist(), vals.tolist()), 1):
+                rows["query"].append(q)
+                rows["rank"].append(rank)
+                rows["direction"].append(direction)
+                rows["row"].append(r)
+                rows["score"].append(s)
+                rows["text"].append(texts(r) if texts else "")
+    path = part / "top_k.parquet"
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = None, **overrides) -> Path:
+    """Score a dataset against ``query_path``; returns the finished run directory."""
+    import ray
+
+    from ..actors.score_worker import ScoreWorker
+    from ..store.processor import ProcessorConfig, save_processor, write_total_processed
+    from ..store.run_dir import RunDir
+    from ..store.score_store import ScoreWriter
+    from ..utils.ray_env import init_ray
+
+    cfg = as_config(ScoreRunConfig, cfg, **overrides)
+    if cfg.score.score not in ("individual", "nearest", "mean", "max"):
+        raise BadInputError(f"unknown --score mode {cfg.score.score!r}")
+    if not cfg.run.run_path:
+        raise BadInputError("run_path is required")
+    layout = plan_layout(cfg.model, cfg.grad)
+    query = load_query_matrix(cfg, layout.grad_sizes)  # fail on a bad query before any work
+    run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite, resume=cfg.run.resume)
+    part = Path(run.part)
+    t0 = time.perf_counter()
+    ds, advantages = open_dataset(cfg)
+    n = len(ds)
+    cols = 1 if cfg.score.score in ("nearest", "max", "mean") else len(query)
+    per_token = cfg.grad.attribute_tokens
+    if (part / "scores.bin").exists():
+        writer = ScoreWriter.reopen(part)
+        if writer.num_scores != cols or writer.num_items != n:
+            raise BadInputError(f"--resume: {part} was started with other settings")
+    else:
+        offsets = token_offsets(cfg, ds) if per_token else None
+        writer = ScoreWriter(
+            part, offsets[-1] if per_token else n, cols, SCORE_DTYPES[cfg.score.score_precision],
+            attribute_tokens=per_token, offsets=offsets,
+        )
+        body = dataclasses.asdict(cfg)
+        body["score_cfg"] = dataclasses.asdict(cfg.score)  # where bergson looks for it
+        run.write_config(body, command="score")
+    todo = pending_items(writer, n, per_token)
+    progress = Progress(part, n)
+    log.info("score: %d documents (%d to do) against %d queries -> %d columns", n, len(todo), len(query), cols)
+
+    if len(todo):
+        init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
+        configure_data_context()
+        pool = worker_pool(cfg.ray)
+        index_cfg = dataclasses.replace(cfg, preprocess=index_side_preprocess(cfg.preprocess))
+        spec = runner_spec(index_cfg, pool.device, advantages)
+        qref = ray.put(query.numpy())
+        out_ds = index_dataset(todo, cfg.ray.window_size).map_batches(
+            ScoreWorker,
+            fn_constructor_kwargs={
+                "spec": spec,
+                "query": {"ref": qref},
+                "mode": cfg.score.score,
+                "query_batch_size": cfg.score.query_batch_size,
+                "torch_threads": pool.torch_threads,
+                "chaos": _chaos,
+            },
+            batch_size=cfg.ray.window_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pool.size),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+        )
+        for k, out in enumerate(stream(out_ds, len(todo), "score")):
+            if per_token:
+                parts = [np.asarray(x, np.float32).reshape(-1, cols) for x in out["scores"]]
+                writer.write_items(out["idx"], np.concatenate(parts) if parts else np.zeros((0, cols)))
+            else:
+                writer.write(out["idx"], out["scores"])
+            progress.update(out)
+            if k % 32 == 31:
+                writer.flush()
+                progress.flush()
+    writer.flush()
+    progress.flush()
+    left = pending_items(writer, n, per_token)
+    if len(left):
+        raise RuntimeError(f"{len(left)} documents were never scored (e.g. {left[:5]})")
+
+    write_data_hf(part, ds, progress, cfg.drop_columns)
+    save_processor(part, ProcessorConfig.from_gradient_config(cfg.grad))
+    lengths = np.asarray(progress.length)
+    write_total_processed(part, int(np.maximum(lengths - 1, 0).sum()))
+    if cfg.score.top_k > 0 or cfg.score.bottom_k > 0:
+        col = cfg.data.prompt_column
+        texts = (lambda r: str(ds[int(r)][col])) if col in ds.column_names and not per_token else None
+        write_topk(part, ScoreColumns(writer), texts, cfg.score.top_k, cfg.score.bottom_k)
+    seconds = time.perf_counter() - t0
+    run.write_summary(
+        {
+            "command": "score",
+            "documents": n,
+            "queries": int(len(query)),
+            "columns": cols,
+            "tokens": int(lengths.sum()),
+            "seconds": round(seconds, 3),
+            "documents_per_second": round(n / max(seconds, 1e-9), 2),
+        }
+    )
+    writer.close()
+    shutil.rmtree(part / "progress", ignore_errors=True)  # now in data.hf
+    return Path(run.commit())
+
+
+class ScoreColumns:
+    """Row slices of a score file as ``[rows, cols]`` float32 (so top-k can stream it)."""
+
+    def __init__(self, writer):
+        self.mm, self.cols = writer.mm, writer.num_scores
+        self.shape = (len(self.mm), self.cols)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        block = self.mm[sl]
+        return np.stack([np.asarray(block[f"score_{q}"], np.float32) for q in range(self.cols)], 1)
+
+
+def pending_items(writer, n: int, per_token: bool) -> np.ndarray:
+    """Documents with at least one unwritten score row."""
+    missing = writer.missing_rows()
+    if not per_token:
+        return missing
+    items = np.searchsorted(writer.offsets, missing, side="right") - 1
+    return np.unique(items).astype(np.int64)

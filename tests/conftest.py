@@ -1,0 +1,47 @@
+"""Shared fixtures. Environment is fixed here, before anything imports Ray."""
+
+from __future__ import annotations
+
+import os
+
+# --- environment (must precede `import ray`) ----------------------------------------
+for _k, _v in {
+    "RAY_AUTH_MODE": "disabled",  # explicit: Ray's default depends on machine state
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to loopback only
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "180",
+    "RAY_DEDUP_LOGS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+import ray.data  # noqa: E402,F401  (module-level import: a local one shadows `ray`)
+
+
+# --- Ray ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (start-up costs ~5 s)."""
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=512 * 1024**2,
+            namespace="bergson_ray_tests",
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()
+
+
+# --- tiny default assets -------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_assets():
+    from bergson_ray.defaults.tiny import ensure_tiny_assets
+
+    return ensure_tiny_assets()

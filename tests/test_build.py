@@ -1,0 +1,235 @@
+"""``build`` on Ray: the store equals in-process gradients and ignores how work was split."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bergson_ray.config import BatchConfig, DataConfig, GradientConfig, ModelConfig
+from bergson_ray.errors import BadInputError, RunExistsError
+from bergson_ray.gradients.runner import GradientRunner, RunnerSpec
+from bergson_ray.pipelines.build import build
+from bergson_ray.store.gradient_store import GradientStore
+
+pytestmark = pytest.mark.ray
+
+SPLIT = "train[:40]"
+
+
+def assert_same(a: np.ndarray, b: np.ndarray, tol: float = 1e-6) -> None:
+    """Equal up to ``tol`` of the largest entry: only fp32 summation order may differ."""
+    assert a.shape == b.shape
+    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+    bad = (
+        np.flatnonzero(np.abs(a - b).reshape(len(a), -1).max(1) > tol * np.abs(b).max())
+        if a.ndim > 1
+        else []
+    )
+    assert err <= tol, (
+        f"max deviation {err:.2e} of the largest entry (tol {tol:.0e}); rows {list(bad)[:10]}"
+    )
+
+
+def rows_of(path) -> np.ndarray:
+    store = GradientStore.open(path)
+    return store.rows(np.arange(store.num_grads)).numpy()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, ray_session, tiny_assets):
+    """One worker, large token budget."""
+    out = tmp_path_factory.mktemp("ref") / "idx"
+    return build(
+        run_path=out,
+        dataset="tiny",
+        split=SPLIT,
+        projection_dim=8,
+        truncation=True,
+        token_batch_size=4096,
+        num_workers=1,
+    )
+
+
+def test_store_layout_and_metadata(reference):
+    info = json.loads((reference / "info.json").read_text())
+    assert info["num_items"] == info["num_grads"] == 40
+    assert info["base_dtype"] == "float32" and not info["attribute_tokens"]
+    assert all(v == 64 for v in info["grad_sizes"].values())
+    assert (reference / "gradients.bin").stat().st_size == 40 * sum(info["grad_sizes"].values()) * 4
+    assert not Path(str(reference) + ".part").exists()
+    store = GradientStore.open(reference)
+    assert len(store.data) == 40 and {"length", "loss", "text"} <= set(store.data.column_names)
+    assert np.all(np.asarray(store.data["loss"]) > 0)
+
+
+def test_store_equals_in_process_engine(reference):
+    spec = RunnerSpec(
+        model=ModelConfig(),
+        grad=GradientConfig(projection_dim=8),
+        data=DataConfig(split=SPLIT, truncation=True),
+        batch=BatchConfig(token_batch_size=4096),
+    )
+    out = GradientRunner(spec).gradients(np.array([0, 7, 39]))
+    want = out["grads"]
+    got = rows_of(reference)[[0, 7, 39]]
+    assert_same(got, want)
+
+
+def test_two_workers_and_small_token_budget_give_the_same_store(reference, tmp_path):
+    other = build(
+        run_path=tmp_path / "idx",
+        dataset="tiny",
+        split=SPLIT,
+        projection_dim=8,
+        truncation=True,
+        token_batch_size=256,
+        num_workers=2,
+        window_size=8,
+    )
+    assert_same(rows_of(other), rows_of(reference))
+
+
+def test_killed_worker_loses_and_duplicates_nothing(reference, tmp_path):
+    marker = tmp_path / "crashed"
+    out = build(
+        run_path=tmp_path / "idx",
+        dataset="tiny",
+        split=SPLIT,
+        projection_dim=8,
+        truncation=True,
+        token_batch_size=4096,
+        num_workers=1,
+        window_size=8,
+        _chaos={"crash_after_batches": 2, "marker": str(marker)},
+    )
+    assert marker.exists(), "the worker never crashed: the test proved nothing"
+    assert_same(rows_of(out), rows_of(reference))
+    store = GradientStore.open(out)
+    assert len(store.data) == 40
+
+
+def test_resume_recomputes_only_missing_rows(reference, tmp_path):
+    import shutil
+
+    part = tmp_path / "idx.part"
+    shutil.copytree(reference, part)
+    shutil.rmtree(part / "data.hf")
+    (part / "summary.json").unlink()
+    # pretend rows 5..14 were never written
+    written = np.memmap(part / "written.bin", dtype=np.uint8, mode="r+")
+    written[5:15] = 0
+    written.flush()
+    raw = np.memmap(part / "gradients.bin", dtype=np.float32, mode="r+").reshape(40, -1)
+    raw[5:15] = 0
+    raw.flush()
+    (part / "progress").mkdir(exist_ok=True)
+    out = build(
+        run_path=tmp_path / "idx",
+        dataset="tiny",
+        split=SPLIT,
+        projection_dim=8,
+        truncation=True,
+        token_batch_size=4096,
+        num_workers=1,
+        resume=True,
+    )
+    assert_same(rows_of(out), rows_of(reference))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["computed_documents"] == 10
+
+
+def test_per_token_store_sums_to_sequence_rows(reference, tmp_path):
+    out = build(
+        run_path=tmp_path / "tok",
+        dataset="tiny",
+        split="train[:6]",
+        projection_dim=8,
+        truncation=True,
+        attribute_tokens=True,
+        num_workers=1,
+    )
+    store = GradientStore.open(out)
+    assert store.attribute_tokens and store.num_items == 6
+    lengths = np.asarray(store.data["length"])
+    np.testing.assert_array_equal(np.diff(store.offsets), np.maximum(lengths - 1, 0))
+    seq = rows_of(reference)[:6]
+    tok = store.rows(np.arange(store.num_grads)).numpy()
+    for i in range(6):
+        lo, hi = store.offsets[i], store.offsets[i + 1]
+        assert_same(tok[lo:hi].sum(0), seq[i], tol=1e-5)
+
+
+def test_bf16_store_roundtrips(tmp_path, ray_session):
+    out = build(
+        run_path=tmp_path / "bf",
+        dataset="tiny",
+        split="train[:4]",
+        projection_dim=4,
+        truncation=True,
+        precision="bf16",
+        num_workers=1,
+    )
+    store = GradientStore.open(out)
+    assert store.dtype == torch.bfloat16
+    assert np.isfinite(store.rows(np.arange(4)).numpy()).all()
+
+
+# --- bad input: clear errors, nothing that looks like a finished store ------------------
+def no_store(path: Path) -> bool:
+    return not path.exists()
+
+
+def test_missing_column_is_named(tmp_path, tiny_assets):
+    with pytest.raises(BadInputError, match="nope"):
+        build(run_path=tmp_path / "x", dataset="tiny", prompt_column="nope", projection_dim=4)
+    assert no_store(tmp_path / "x")
+
+
+def test_unknown_module_glob(tmp_path, tiny_assets):
+    with pytest.raises(BadInputError, match="matches no module"):
+        build(
+            run_path=tmp_path / "x",
+            dataset="tiny",
+            filter_modules="nothing.like.this",
+            projection_dim=4,
+        )
+    assert no_store(tmp_path / "x")
+
+
+def test_missing_model_path(tmp_path, tiny_assets):
+    with pytest.raises(BadInputError, match="does not exist"):
+        build(run_path=tmp_path / "x", model=str(tmp_path / "no-model"), dataset="tiny")
+    assert no_store(tmp_path / "x")
+
+
+def test_existing_run_needs_overwrite(reference):
+    with pytest.raises(RunExistsError):
+        build(run_path=reference, dataset="tiny", split=SPLIT, projection_dim=8)
+    assert (reference / "info.json").exists()  # untouched
+
+
+def test_short_documents_fail_clearly(tmp_path, ray_session, tiny_assets):
+    import datasets
+
+    data = tmp_path / "docs.jsonl"
+    rows = [{"text": "a perfectly normal sentence about loops"}, {"text": ""}, {"text": "x"}]
+    datasets.Dataset.from_list(rows).to_json(str(data))
+    with pytest.raises(BadInputError, match="fewer than 2 tokens"):
+        build(run_path=tmp_path / "x", dataset=str(data), projection_dim=4, num_workers=1)
+    assert no_store(tmp_path / "x")
+    # bergson's behaviour on request: zero rows for the short documents
+    out = build(
+        run_path=tmp_path / "y",
+        dataset=str(data),
+        projection_dim=4,
+        num_workers=1,
+        skip_short_docs=True,
+    )
+    r = rows_of(out)
+    assert np.abs(r[0]).sum() > 0 and np.abs(r[1]).sum() == 0 and np.abs(r[2]).sum() == 0
+    assert os.path.exists(out / "data.hf")
