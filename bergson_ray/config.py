@@ -62,6 +62,13 @@ class GradientConfig:
     projection_type: Literal["rademacher", "normal"] = "rademacher"
     projection_scale: Literal["jl", "row_norm"] = "jl"
     projection_target: Literal["per_module", "global"] = "per_module"
+    projection_seed: int | None = None
+    """Seed of the random projections: appended to every matrix identifier as
+    ``/seed<n>`` (bergson's ``projection_seed``). None = no suffix."""
+    projection_version: int = 2
+    """Projection-matrix generator. 2 = bergson >= 2.5 (Philox4x32-10, identical on every
+    device); 1 = older bergson (md5 -> PCG64 bits / ``torch.randn``, bergson-spec §3.3).
+    Stores of different versions cannot be scored against each other."""
     include_bias: bool = False
     loss_fn: Literal["ce", "kl"] = "ce"
     loss_reduction: Literal["sum", "mean"] = "sum"

@@ -2,12 +2,18 @@
 
 The query side uses this to rebuild the exact engine (model, projection, loss,
 normalizers) that produced a store's rows.
+
+A build step's body holds our own config (``dataclasses.asdict(BuildConfig)``) and,
+beside it, bergson-shaped ``index_cfg`` and ``preprocess_cfg`` sections
+(:func:`build_step_body`): bergson's ``score`` reads the query store's
+``preprocess_cfg`` and its ``query`` reads ``index_cfg``. Our reader ignores them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -31,5 +37,93 @@ def load_step_config(run_path: str | Path, cls: type[T], command: str | None = N
         for name, body in step.items():
             if command is None or name == command:
                 fields = getattr(cls, "__dataclass_fields__", {})
-                return from_dict(cls, {k: v for k, v in (body or {}).items() if k in fields})
+                body = {k: v for k, v in (body or {}).items() if k in fields}
+                grad = body.get("grad")
+                if isinstance(grad, dict) and "projection_version" not in grad:
+                    # written before we recorded it: every such store has version-1 matrices
+                    body["grad"] = {**grad, "projection_version": 1}
+                return from_dict(cls, body)
     raise StoreError(f"{path} holds no {command or 'step'} configuration")
+
+
+# ------------------------------------------------------------------------ bergson sections
+
+
+def _resolved(name: str, resolve) -> str:
+    """``tiny`` -> its local directory (bergson cannot resolve our embedded default)."""
+    from .config import TINY
+
+    return resolve(name) if name == TINY else name
+
+
+def bergson_index_cfg(cfg: Any) -> dict[str, Any]:
+    """bergson's ``IndexConfig`` (as ``config.yaml`` holds it) for a :class:`BuildConfig`.
+
+    Only keys bergson's ``IndexConfig`` knows; ``tiny`` is resolved to local paths so
+    bergson can load the same model and data.
+    """
+    from .defaults.tiny import resolve_dataset, resolve_model_path
+
+    g, d, m = cfg.grad, cfg.data, cfg.model
+    return {
+        "run_path": str(cfg.run.run_path),
+        "overwrite": bool(cfg.run.overwrite),
+        "model": _resolved(m.model, resolve_model_path),
+        "precision": m.precision,
+        "revision": m.revision,
+        "fsdp": bool(cfg.ray.fsdp),
+        "model_kwargs": m.model_kwargs,
+        "data": {
+            "dataset": _resolved(d.dataset, resolve_dataset),
+            "split": d.split,
+            "subset": d.subset,
+            "prompt_column": d.prompt_column,
+            "completion_column": d.completion_column,
+            "conversation_column": d.conversation_column,
+            "reward_column": d.reward_column,
+            "skip_nan_rewards": d.skip_nan_rewards,
+            "truncation": d.truncation,
+            "data_kwargs": d.data_kwargs,
+        },
+        "tokenizer": _resolved(m.tokenizer, resolve_model_path),
+        "drop_columns": bool(cfg.drop_columns),
+        "projection_dim": g.projection_dim,
+        "include_bias": g.include_bias,
+        "reshape_to_square": False,
+        "projection_type": g.projection_type,
+        "projection_scale": g.projection_scale,
+        "projection_target": g.projection_target,
+        "projection_seed": g.projection_seed,
+        "token_batch_size": cfg.batch.token_batch_size,
+        "max_batch_size": cfg.batch.max_batch_size,
+        "optimizer_state": g.optimizer_state,
+        "loss_fn": g.loss_fn,
+        "loss_reduction": g.loss_reduction,
+        "label_smoothing": g.label_smoothing,
+        "split_attention_modules": list(g.split_attention_modules),
+        "attention": dataclasses.asdict(g.attention),
+        "filter_modules": g.filter_modules,
+        "attribute_tokens": g.attribute_tokens,
+        "modules": list(g.modules),
+    }
+
+
+def bergson_preprocess_cfg(pre: Any) -> dict[str, Any]:
+    """bergson's ``PreprocessConfig`` for our :class:`PreprocessConfig` (nested inversion)."""
+    return {
+        "unit_normalize": pre.unit_normalize,
+        "hessian_path": pre.hessian_path,
+        "ev_correction": pre.ev_correction,
+        "inversion_cfg": {"inversion": pre.inversion, "damping_factor": pre.damping_factor},
+        "aggregation": pre.aggregation,
+        "normalize_aggregated_grad": pre.normalize_aggregated_grad,
+    }
+
+
+def build_step_body(cfg: Any) -> dict[str, Any]:
+    """The ``build:`` step body of ``config.yaml``: our :class:`BuildConfig` fields plus
+    bergson's ``index_cfg`` and ``preprocess_cfg`` (see the module docstring)."""
+    body = dataclasses.asdict(cfg)
+    body["index_cfg"] = bergson_index_cfg(cfg)
+    body["preprocess_cfg"] = bergson_preprocess_cfg(cfg.preprocess)
+    return body

@@ -110,9 +110,10 @@ def test_killed_shard_during_accumulation_recovers(base_run, tmp_path):
     assert_same_hessian(base_run, out)
 
 
-def test_killed_shard_holding_data_is_replayed(base_run, tmp_path):
-    """Killed after merging (before its eigendecomposition): replaced and replayed."""
-    out = run(tmp_path, "kill_fin", {"kill_shard": 2, "kill_shard_at": "finalize"}, num_shards=3)
+@pytest.mark.parametrize("stage", ["finalize", "merge_correction", "write"])
+def test_killed_shard_holding_data_is_replayed(base_run, tmp_path, stage):
+    """Killed while holding merged sums / eigenbases / corrections: replaced and replayed."""
+    out = run(tmp_path, "kill", {"kill_shard": 2, "kill_shard_at": stage}, num_shards=3)
     assert json.loads((out / "summary.json").read_text())["shard_restarts"] == 1
     assert_same_hessian(base_run, out)
 

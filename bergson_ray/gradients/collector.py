@@ -91,7 +91,12 @@ class PerExampleCollector:
         unknown = set(self.normalizers) - set(modules)
         if unknown:
             raise BadInputError(f"normalizers for unknown modules: {sorted(unknown)[:5]}")
-        self.proj = ProjectionCache(cfg.projection_type, cfg.projection_scale)
+        self.proj = ProjectionCache(
+            cfg.projection_type,
+            cfg.projection_scale,
+            version=cfg.projection_version,
+            seed=cfg.projection_seed,
+        )
         self.mask: torch.Tensor | None = None
         self._stash: dict[str, list[torch.Tensor]] = {}
         self.out: dict[str, torch.Tensor] = {}
@@ -128,9 +133,21 @@ class PerExampleCollector:
     def _uses_adam(self, name: str) -> bool:
         return isinstance(self.normalizers.get(name), AdamNormalizer)
 
+    def _head_right(self, name: str) -> bool:
+        """Whether each split head of ``name`` has its own right matrix, named after the head.
+
+        bergson (projection version 2) projects activations once, in the forward pass,
+        with the module's right matrix, unless that matrix must also carry the bias
+        column or act on an Adam-normalized gradient: then it is applied per head under
+        the head's name. Version 1 always uses the module's.
+        """
+        blocks = self.blocks[name]
+        return self.proj.version >= 2 and len(blocks) > 1 and (blocks[0].bias or self._uses_adam(name))
+
     def _right(self, name: str, block: Block, device) -> torch.Tensor:
+        owner = block.name if self._head_right(name) else name
         return self.proj.get(
-            f"{name}/right", self.p, block.in_features + int(block.bias), torch.float32, device
+            owner, "right", self.p, block.in_features + int(block.bias), torch.float32, device
         )
 
     def on_forward(self, name: str, module: nn.Module, a: torch.Tensor) -> None:
@@ -138,7 +155,12 @@ class PerExampleCollector:
         norm = self.normalizers.get(name)
         if isinstance(norm, AdafactorNormalizer):
             a = a * norm.col_scale().to(a.device)
-        if self.p > 0 and not self.global_proj and not self._uses_adam(name):
+        if (
+            self.p > 0
+            and not self.global_proj
+            and not self._uses_adam(name)
+            and not self._head_right(name)
+        ):
             blk = self.blocks[name][0]
             a = a @ self._right(name, blk, a.device)[:, : blk.in_features].T  # [N,S,p]
         self._stash.setdefault(name, []).append(a)
@@ -189,8 +211,10 @@ class PerExampleCollector:
         n = g.shape[0]
 
         if self.p > 0 and not self.global_proj and not isinstance(norm, AdamNormalizer):
-            left = self.proj.get(f"{blk.name}/left", self.p, blk.out_features, torch.float32, g.device)
+            left = self.proj.get(blk.name, "left", self.p, blk.out_features, torch.float32, g.device)
             lg = g @ left.T  # [N,S,p]
+            if self._head_right(name):  # activations arrive unprojected: use this head's R
+                a = a @ self._right(name, blk, g.device)[:, : blk.in_features].T
             out = torch.einsum("nsp,nsq->npq", lg, a)
             if bias_vec is not None:
                 r_bias = self._right(name, blk, g.device)[:, blk.in_features]
@@ -205,8 +229,8 @@ class PerExampleCollector:
         if self.p <= 0:
             return full.reshape(n, -1)
         if self.global_proj:
-            single = self.proj.get(f"{blk.name}/single", self.p, blk.full_size, torch.float32, g.device)
+            single = self.proj.get(blk.name, "single", self.p, blk.full_size, torch.float32, g.device)
             return full.reshape(n, -1) @ single.T
-        left = self.proj.get(f"{blk.name}/left", self.p, blk.out_features, torch.float32, g.device)
+        left = self.proj.get(blk.name, "left", self.p, blk.out_features, torch.float32, g.device)
         right = self._right(name, blk, g.device)
         return (left @ full @ right.T).reshape(n, -1)

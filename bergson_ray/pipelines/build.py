@@ -214,7 +214,9 @@ def build(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None, 
             attribute_tokens=cfg.grad.attribute_tokens,
             offsets=offsets,
         )
-        run.write_config(cfg)
+        from ..config_io import build_step_body  # ours + bergson's index_cfg/preprocess_cfg
+
+        run.write_config(build_step_body(cfg), command="build")
     todo = writer.missing_items()
     progress = Progress(part, n)
     log.info("build: %d documents (%d to do), %d columns per row", n, len(todo), layout.dim)

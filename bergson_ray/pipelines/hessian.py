@@ -188,7 +188,7 @@ class ShardedFit:
             refs.append(shard.finalize_correction.remote(self.num_documents))
         self.shards[k] = shard
         self.ray.get(refs)
-        if "finalize" in self.stages:
+        if self.eigen_refs:
             # Bases are recomputed identically (same sums, deterministic fp64 eigh);
             # fresh refs only matter for workers started from now on.
             self.eigen_refs[k] = shard.eigenbases.remote()

@@ -89,7 +89,10 @@ def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None,
     writer.write_rows([0], row)
     writer.close()
     datasets.Dataset.from_dict({"query_index": [0]}).save_to_disk(str(part / "data.hf"))
-    run.write_config(cfg, command="build")  # a reduce store is a (one-row) build store
+    from ..config_io import build_step_body  # ours + bergson's index_cfg/preprocess_cfg
+
+    # a reduce store is a (one-row) build store; bergson's score reads its preprocess_cfg
+    run.write_config(build_step_body(cfg), command="build")
     save_processor(part, ProcessorConfig.from_gradient_config(cfg.grad))
     lengths = np.asarray(progress.length)
     write_total_processed(part, int(np.maximum(lengths - 1, 0).sum()))

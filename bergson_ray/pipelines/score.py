@@ -42,11 +42,23 @@ def check_query_compatible(query_path: Path, cfg: ScoreRunConfig) -> None:
         for f in ("projection_dim", "projection_type", "projection_target", "include_bias")
         if getattr(qp, f) != getattr(mine, f)
     ]
-    if qp.projection_dim and qp.projection_scale != mine.projection_scale:
-        diffs.append(f"projection_scale: {qp.projection_scale!r} vs {mine.projection_scale!r}")
+    if qp.projection_dim:  # without a projection these settings change nothing
+        diffs += [
+            f"{f}: query {getattr(qp, f)!r} vs this run {getattr(mine, f)!r}"
+            for f in ("projection_scale", "projection_seed", "projection_version")
+            if getattr(qp, f) != getattr(mine, f)
+        ]
     if diffs:
+        hint = ""
+        if qp.projection_dim and qp.projection_version != mine.projection_version:
+            hint = (
+                f" (pass --projection_version {qp.projection_version} to score against it, "
+                "or rebuild the query store)"
+            )
         raise BadInputError(
-            f"query store {query_path} was built with other gradient settings: " + "; ".join(diffs)
+            f"query store {query_path} was built with other gradient settings: "
+            + "; ".join(diffs)
+            + hint
         )
 
 
@@ -241,6 +253,7 @@ def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = Non
         {
             "command": "score",
             "documents": n,
+            "computed_documents": int(len(todo)),
             "queries": int(len(query)),
             "columns": cols,
             "tokens": int(lengths.sum()),

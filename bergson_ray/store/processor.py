@@ -52,15 +52,16 @@ TOTAL_PROCESSED_PT = "total_processed.pt"
 
 NORMALIZER_KINDS = ("AdamNormalizer", "AdafactorNormalizer")
 
-PROJECTION_VERSION = 1
-"""Version of the random projection matrices we write into ``processor_config.yaml``.
+PROJECTION_VERSION = 2
+"""Default version of the random projection matrices recorded in ``processor_config.yaml``.
 
 bergson numbers its projection-matrix generators: version 1 is the md5 -> PCG64
 Rademacher / torch-normal scheme of bergson-spec §3.3; bergson 2.5 generates version 2
 (Philox4x32-10 counter-based) and refuses to score against a projected store whose
-version differs. The gradient engine must set the version it actually implements;
-claiming 2 while producing version-1 matrices would make bergson mix incompatible
-projections silently.
+version differs. Both are implemented in ``bergson_ray.gradients.projection``; the
+version a store was built with comes from ``GradientConfig.projection_version`` (via
+:meth:`ProcessorConfig.from_gradient_config`), so the file always records the generator
+that actually produced the rows. Files without the key are version 1 (older bergson).
 """
 
 _LEGACY_DEFAULTS = {

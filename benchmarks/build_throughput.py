@@ -1,0 +1,107 @@
+"""Throughput and peak memory of ``build`` (p=16) on 1000 x 256-token documents.
+
+Runs ``bergson-ray build`` with 1 and 2 workers and, when the anchor venv exists
+(``../shared/tools/anchor/run_anchor.sh install``), ``bergson build`` on the same
+model and data; runs alternate so a busy machine affects both. Prints tokens/s
+end to end (process start to exit) and in the gradient loop alone (the tqdm bar:
+excludes imports, Ray start-up and model loading), peak RSS of the whole process
+tree, and bergson_ray / bergson ratios.
+
+    python benchmarks/build_throughput.py [--docs 1000] [--tokens 256] [--reps 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import bergson_cli, cpu_busy_percent, run_timed, tqdm_seconds  # noqa: E402
+
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
+
+
+def prepare(docs: int, tokens: int, root: Path) -> tuple[str, str]:
+    from bergson_ray.defaults.tiny import ensure_tiny_assets, make_long_corpus
+
+    assets = ensure_tiny_assets()
+    data = root / f"long_{docs}x{tokens}"
+    if not data.exists():
+        make_long_corpus(docs, tokens).save_to_disk(str(data))
+    return str(assets.model_dir), str(data)
+
+
+def ours(model: str, data: str, out: Path, workers: int) -> dict:
+    exe = Path(sys.executable).with_name("bergson-ray")
+    cmd = [str(exe), "build", str(out), "--model", model, "--dataset", data, "--projection_dim", "16",
+           "--truncation", "--num_workers", str(workers), "--overwrite"]
+    r = run_timed(cmd, ENV)
+    summary = json.loads((out / "summary.json").read_text()) if r["rc"] == 0 else {}
+    r["tokens"] = summary.get("tokens")
+    r["loop"] = tqdm_seconds(r["output"], "build")
+    return r
+
+
+def theirs(model: str, data: str, out: Path) -> dict:
+    exe = bergson_cli()
+    cmd = [str(exe), "build", str(out), "--model", model, "--dataset", data, "--projection_dim", "16",
+           "--truncation", "--overwrite", "true"]
+    r = run_timed(cmd, ENV)
+    r["loop"] = tqdm_seconds(r["output"], "Computing")
+    return r
+
+
+def line(name: str, r: dict, tokens: int) -> str:
+    if r["rc"] != 0:
+        tail = r["output"].strip().splitlines()[-3:]
+        return f"{name:<22} FAILED rc={r['rc']}: {' | '.join(tail)}"
+    loop = f"{tokens / r['loop']:9.0f}" if r.get("loop") else "      n/a"
+    return (f"{name:<22} wall {r['wall']:7.1f}s  e2e {tokens / r['wall']:8.0f} tok/s  "
+            f"loop {loop} tok/s  peak RSS {r['peak_mib']:7.0f} MiB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--docs", type=int, default=1000)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--workers", default="1,2")
+    args = ap.parse_args()
+    root = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir())) / "bergson_ray_bench"
+    root.mkdir(parents=True, exist_ok=True)
+    model, data = prepare(args.docs, args.tokens, root)
+    total_tokens = args.docs * args.tokens
+    print(f"build p=16: {args.docs} docs x {args.tokens} tokens = {total_tokens} tokens; "
+          f"{os.cpu_count()} CPUs; machine busy {cpu_busy_percent():.0f}% before start")
+    results: dict[str, list[dict]] = {}
+    for _ in range(args.reps):
+        if bergson_cli():
+            results.setdefault("bergson", []).append(theirs(model, data, root / "bergson_out"))
+        for w in (int(x) for x in args.workers.split(",")):
+            results.setdefault(f"bergson_ray {w} worker", []).append(ours(model, data, root / f"ours_{w}", w))
+    best = {k: min((r for r in v if r["rc"] == 0), key=lambda r: r["wall"], default=v[0])
+            for k, v in results.items()}
+    for name, r in best.items():
+        print(line(name, r, total_tokens))
+    if "bergson" in best and best["bergson"]["rc"] == 0:
+        b = best["bergson"]
+        for name, r in best.items():
+            if name == "bergson" or r["rc"] != 0:
+                continue
+            e2e = b["wall"] / r["wall"]
+            loop = (b["loop"] / r["loop"]) if (b.get("loop") and r.get("loop")) else float("nan")
+            print(f"ratio {name} / bergson: end-to-end {e2e:.2f}x, gradient loop {loop:.2f}x")
+    else:
+        print("bergson not installed (bash ../shared/tools/anchor/run_anchor.sh install): no ratio")
+    shutil.rmtree(root / "bergson_out", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
