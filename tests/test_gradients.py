@@ -19,7 +19,7 @@ from bergson_ray.gradients.engine import GradientEngine
 from bergson_ray.gradients.losses import per_document_loss
 from bergson_ray.gradients.modules import Conv1D, find_target_modules, weight_as_out_in
 from bergson_ray.gradients.normalizers import AdafactorNormalizer, AdamNormalizer
-from bergson_ray.gradients.projection import projection_matrix
+from bergson_ray.gradients.projection import global_projection_matrix, projection_matrix
 
 VOCAB = 97
 
@@ -288,7 +288,8 @@ def test_global_projection_is_sum_of_per_module_single_projections():
     want = torch.zeros(len(docs), p)
     col = 0
     for name, size in full_eng.grad_sizes.items():
-        S = projection_matrix(f"{name}/single", p, size)
+        # version 2 (the default) generates global matrices in blocks named "<id>/<start>"
+        S = global_projection_matrix(f"{name}/single", p, size)
         want += full[:, col : col + size] @ S.T
         col += size
     assert rel_err(res.rows, want) < 1e-5
@@ -302,3 +303,15 @@ def test_module_filters_and_errors():
     assert all(m.startswith("layers.1.") for m in only)
     with pytest.raises(BadInputError, match="matches no module"):
         find_target_modules(model, GradientConfig(filter_modules="nonexistent.*"))
+
+
+def test_advantage_scales_each_document_gradient():
+    """GRPO: the loss of document b is A_b * CE_b, so its gradient is A_b times the plain one."""
+    model = tiny_neox()
+    eng = GradientEngine(model, GradientConfig(projection_dim=4))
+    docs = make_docs((9, 5, 12))
+    plain = eng.compute(collate(docs)).rows
+    batch = collate(docs)
+    batch.advantage = torch.tensor([0.5, -2.0, 0.0])
+    weighted = eng.compute(batch).rows
+    assert rel_err(weighted, plain * batch.advantage[:, None]) < 1e-5

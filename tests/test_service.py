@@ -92,6 +92,9 @@ def test_one_and_three_shards_give_identical_flat_results(services, store, three
         b = three.query_gradients(grads, k=10, reverse=reverse)
         assert [r.ids for r in a] == [r.ids for r in b]
         np.testing.assert_allclose([r.scores for r in a], [r.scores for r in b], rtol=1e-6)
+    from bergson_ray.pipelines.serve import stop
+
+    stop("svc1", NS)
 
 
 def test_concurrent_text_queries_are_batched(three):

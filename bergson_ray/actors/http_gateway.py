@@ -11,7 +11,6 @@ code on the cluster, so keep them on loopback or a private network. This endpoin
 the only one meant to be exposed, and it binds to 127.0.0.1 unless told otherwise.
 """
 
-from __future__ import annotations
 
 import hashlib
 import hmac
@@ -34,7 +33,7 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64)
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 @serve.ingress(app)
 class HttpGateway:
     def __init__(self, service: str, namespace: str, digest: str):

@@ -89,7 +89,7 @@ def runner_spec(cfg: BuildConfig, device: str, advantages: np.ndarray | None) ->
 
 def open_dataset(cfg: BuildConfig):
     """The source dataset (memory-mapped), validated, plus GRPO advantages if asked for."""
-    from ..data.loading import check_columns, load_dataset_rows
+    from ..data.loading import check_columns, load_dataset_rows, prompt_key
     from ..data.tokenize import estimate_advantages
 
     ds = load_dataset_rows(cfg.data)
@@ -98,12 +98,17 @@ def open_dataset(cfg: BuildConfig):
         raise BadInputError(f"dataset {cfg.data.dataset!r} (split {cfg.data.split!r}) is empty")
     advantages = None
     if cfg.data.reward_column:
-        prompts = ds[cfg.data.prompt_column]
+        conv = bool(cfg.data.conversation_column)
+        col = cfg.data.conversation_column or cfg.data.prompt_column
+        prompts = [prompt_key(v, conv) for v in ds[col]]
         advantages = estimate_advantages(
-            prompts, ds[cfg.data.reward_column], cfg.data.skip_nan_rewards
+            prompts, list(ds[cfg.data.reward_column]), cfg.data.skip_nan_rewards
         ).astype(np.float32)
         if np.isnan(advantages).any():
-            raise BadInputError("NaN rewards: drop those rows first (skip_nan_rewards)")
+            raise BadInputError(
+                f"{int(np.isnan(advantages).sum())} rows have NaN rewards: drop them from the "
+                "dataset first (bergson_ray keeps row indices stable, so it does not drop rows)"
+            )
     return ds, advantages
 
 

@@ -164,7 +164,7 @@ def serve(cfg: ServeConfig | None = None, **overrides: Any) -> dict:
     shards = [
         IndexShardActor.options(
             name=shard_actor_name(cfg.name, i),
-            num_cpus=cfg.cpus_per_actor,
+            num_cpus=cfg.cpus_per_shard,
             num_gpus=cfg.gpus_per_index,
             max_task_retries=2,  # search is idempotent: retry across a restart
             **common,
@@ -173,7 +173,7 @@ def serve(cfg: ServeConfig | None = None, **overrides: Any) -> dict:
     ]
     front = QueryActor.options(
         name=cfg.name,
-        num_cpus=cfg.cpus_per_actor,
+        num_cpus=cfg.cpus_for_model,
         num_gpus=cfg.gpus_for_model,
         max_task_retries=1,
         **common,

@@ -78,8 +78,11 @@ class ServeConfig:
     """Override the model recorded in the store's ``config.yaml`` (e.g. another checkpoint)."""
     text_field: str = "text"
     """Column of the store's dataset returned with each hit."""
-    cpus_per_actor: float = 0.25
-    """Logical CPUs each actor reserves (kept < 1 so a 2-core node never starves)."""
+    cpus_per_shard: float = 0.1
+    """Logical CPUs each index-shard actor reserves: a shard idles between queries and a
+    search takes milliseconds, so a small share keeps a 2-core node from starving."""
+    cpus_for_model: float = 0.25
+    """Logical CPUs the query actor (model + query gradients) reserves."""
     gpus_per_index: float = 0.0
     """GPUs per index shard actor (> 0 puts a GPU FAISS index on a GPU node)."""
     gpus_for_model: float = 0.0

@@ -1,0 +1,164 @@
+"""Throughput, progress and exactly-once accounting of one pipeline stage.
+
+:class:`StageMonitor` sees every output batch the driver receives (``stream`` in
+``pipelines/common.py`` feeds it) and
+
+* counts rows, tokens and bytes, per stage and per node;
+* exports them as Ray metrics (``ray.util.metrics``), which Ray's metrics agent serves
+  to Prometheus and the dashboard's Metrics tab (names get Ray's ``ray_`` prefix:
+  ``ray_bergson_ray_rows_total``, ``ray_bergson_ray_tokens_per_second`` ...);
+* puts rows/s and tokens/s on the CLI's progress bar;
+* keeps a received-rows bitmap, so a row delivered twice (or never) is noticed instead
+  of silently overwritten;
+* returns a summary (rows, tokens, seconds, bytes) that the pipelines merge into the
+  run's ``summary.json``.
+
+Metrics are best effort: without Ray (or outside a Ray process) they are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PREFIX = "bergson_ray"
+RATE_WINDOW_S = 10.0
+"""Rates on the progress bar and in the gauges are averaged over this many seconds."""
+
+
+class _RayMetrics:
+    """The Ray counters/gauges of one stage (created lazily, only inside a Ray process)."""
+
+    def __init__(self, stage: str, run: str):
+        from ray.util.metrics import Counter as RCounter
+        from ray.util.metrics import Gauge
+
+        keys = ("stage", "run")
+        self.tags = {"stage": stage, "run": run}
+        self.rows = RCounter(f"{PREFIX}_rows", "rows (documents) finished", tag_keys=keys)
+        self.tokens = RCounter(f"{PREFIX}_tokens", "tokens processed", tag_keys=keys)
+        self.rows_per_s = Gauge(f"{PREFIX}_rows_per_second", "rows/s, last 10 s", tag_keys=keys)
+        self.tokens_per_s = Gauge(
+            f"{PREFIX}_tokens_per_second", "tokens/s, last 10 s", tag_keys=keys
+        )
+        self.progress = Gauge(f"{PREFIX}_progress", "fraction of rows done (0..1)", tag_keys=keys)
+
+    def record(self, rows: int, tokens: int, rate_rows: float, rate_tokens: float, done: float):
+        if rows:
+            self.rows.inc(rows, tags=self.tags)
+        if tokens:
+            self.tokens.inc(tokens, tags=self.tags)
+        self.rows_per_s.set(rate_rows, tags=self.tags)
+        self.tokens_per_s.set(rate_tokens, tags=self.tags)
+        self.progress.set(done, tags=self.tags)
+
+
+def _ray_metrics(stage: str, run: str) -> _RayMetrics | None:
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return _RayMetrics(stage, run)
+    except Exception as err:  # noqa: BLE001 - metrics must never break a run
+        log.debug("Ray metrics unavailable: %s", err)
+        return None
+
+
+class StageMonitor:
+    """Accounting for one stage. ``num_items`` sizes the exactly-once bitmap.
+
+    ``update(batch)`` takes a worker output batch: ``idx`` (row ids), optionally
+    ``length`` (tokens per row) and ``node`` (the node that computed it).
+    """
+
+    def __init__(self, stage: str, total: int, num_items: int | None = None, run: str = ""):
+        self.stage = stage
+        self.total = int(total)
+        self.t0 = time.perf_counter()
+        self.rows = 0
+        self.tokens = 0
+        self.duplicates = 0
+        self.per_node: Counter[str] = Counter()
+        self.seen = np.zeros(int(num_items if num_items is not None else total), dtype=bool)
+        self._window: list[tuple[float, int, int]] = [(self.t0, 0, 0)]
+        self._metrics = _ray_metrics(stage, run)
+
+    # -- feeding ---------------------------------------------------------------------
+    def update(self, batch: dict[str, np.ndarray]) -> None:
+        idx = np.asarray(batch["idx"], dtype=np.int64)
+        rows = len(idx)
+        tokens = int(np.asarray(batch["length"]).sum()) if "length" in batch else 0
+        if len(self.seen) and rows:
+            fresh = ~self.seen[idx]
+            self.duplicates += int(rows - fresh.sum())
+            # a duplicate inside one batch also counts
+            self.duplicates += int(fresh.sum() - len(np.unique(idx[fresh])))
+            self.seen[idx] = True
+        if "node" in batch:
+            nodes, counts = np.unique(np.asarray(batch["node"]).astype(str), return_counts=True)
+            for node, c in zip(nodes.tolist(), counts.tolist()):
+                self.per_node[node] += c
+        self.rows += rows
+        self.tokens += tokens
+        now = time.perf_counter()
+        self._window.append((now, self.rows, self.tokens))
+        while len(self._window) > 2 and now - self._window[0][0] > RATE_WINDOW_S:
+            self._window.pop(0)
+        if self._metrics is not None:
+            r, t = self.rates()
+            try:
+                self._metrics.record(rows, tokens, r, t, self.rows / max(self.total, 1))
+            except Exception as err:  # noqa: BLE001
+                log.debug("metrics: %s", err)
+                self._metrics = None
+
+    # -- reading ---------------------------------------------------------------------
+    def rates(self) -> tuple[float, float]:
+        """(rows/s, tokens/s) over the last ``RATE_WINDOW_S`` seconds."""
+        (t_a, r_a, k_a), (t_b, r_b, k_b) = self._window[0], self._window[-1]
+        dt = max(t_b - t_a, 1e-9)
+        return (r_b - r_a) / dt, (k_b - k_a) / dt
+
+    def postfix(self) -> dict[str, str]:
+        r, t = self.rates()
+        return {"rows/s": f"{r:.1f}", "tok/s": f"{t:.0f}"}
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def summary(self) -> dict[str, Any]:
+        """What the stage did, for ``summary.json``."""
+        s = max(self.seconds, 1e-9)
+        out: dict[str, Any] = {
+            "rows_received": self.rows,
+            "duplicate_rows": self.duplicates,
+            "stage_tokens": self.tokens,
+            "stage_seconds": round(self.seconds, 3),
+            "stage_rows_per_second": round(self.rows / s, 2),
+            "stage_tokens_per_second": round(self.tokens / s, 1),
+        }
+        if self.per_node:
+            out["rows_per_node"] = dict(sorted(self.per_node.items()))
+        return out
+
+
+def dir_bytes(path) -> int:
+    """Total size of the files under ``path`` (what a run wrote)."""
+    import os
+
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total

@@ -1,0 +1,67 @@
+"""The command line: every command parses bergson's flags; the quickstart runs end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bergson_ray.cli.main import COMMANDS, make_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_registered_command_has_help(capsys):
+    parser = make_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"build", "reduce", "score", "quickstart"} <= set(sub.choices)
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([name, "--help"])
+        assert exc.value.code == 0
+        assert name in COMMANDS
+
+
+def test_bergson_style_flags_parse_into_the_config():
+    from bergson_ray.cli.build import config_from_args
+
+    args = make_parser().parse_args(
+        ["build", "runs/x", "--model", "m", "--dataset", "d.jsonl", "--projection_dim", "16",
+         "--truncation", "--overwrite", "true", "--include_bias", "false", "--filter_modules",
+         "*mlp*", "--split_attention_modules", "a,b", "--num_workers", "3"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.run.run_path == "runs/x" and cfg.run.overwrite
+    assert cfg.model.model == "m" and cfg.data.dataset == "d.jsonl" and cfg.data.truncation
+    assert cfg.grad.projection_dim == 16 and not cfg.grad.include_bias
+    assert cfg.grad.filter_modules == "*mlp*" and cfg.grad.split_attention_modules == ["a", "b"]
+    assert cfg.ray.num_workers == 3
+
+
+def test_user_errors_print_one_line_not_a_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bergson_ray", "build", str(tmp_path / "x"), "--model",
+         str(tmp_path / "missing-model")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 2
+    assert "error: model path" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.ray
+def test_quickstart_end_to_end(tmp_path, tiny_assets):
+    """The README's first command: builds an index on a local Ray and prints the top 5."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bergson_ray", "quickstart", "--run_path", str(tmp_path / "qs")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("query:") == 2
+    assert out.stdout.count("  5. row") == 2
+    assert (tmp_path / "qs" / "index" / "info.json").exists()
