@@ -1,0 +1,149 @@
+"""Wall time and per-shard memory of KFAC and EK-FAC fits for K = 1, 2, 4 shards.
+
+Runs ``bergson-ray hessian --method kfac [--ev_correction]`` on the tiny default
+model and corpus with K HessianShard actors, and, when the anchor venv exists
+(``../shared/tools/anchor/run_anchor.sh install``), ``bergson hessian --method
+kfac [--ev_correction true]`` on the same model and documents. Runs alternate
+so a busy machine affects both programs alike.
+
+Reported per run: end-to-end wall time (process start to exit: imports, Ray and
+actor start-up, model loading included), the fit itself (data passes plus
+eigendecompositions: ours from ``summary.json``, bergson's from its progress
+bars), peak RSS of the whole process tree, and per shard the tensor bytes it
+holds and its process's peak RSS. Ratios are bergson_ray / bergson.
+
+    python benchmarks/hessian_fit.py [--split 'train[:400]'] [--shards 1,2,4] [--reps 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import bergson_cli, cpu_busy_percent, run_timed  # noqa: E402
+
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+       "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+       "PYTHONWARNINGS": "ignore"}  # fmt: skip
+_BAR = re.compile(r"^(.*?):\s+\d+%\|.*?\| *(\d+)/(\d+) \[([\d:]+)<")
+
+
+def bar_seconds(text: str, labels: tuple[str, ...]) -> float | None:
+    """Sum over distinct progress bars (by description) containing a label of their final time."""
+    last: dict[str, float] = {}
+    for line in text.replace("\r", "\n").split("\n"):
+        m = _BAR.match(line.strip())
+        if m and any(lab in m.group(1) for lab in labels):
+            secs = 0.0
+            for part in m.group(4).split(":"):
+                secs = secs * 60 + float(part)
+            last[m.group(1)] = secs
+    return sum(last.values()) if last else None
+
+
+def ours(model: str, data: str, split: str, out: Path, shards: int, ev: bool) -> dict:
+    exe = Path(sys.executable).with_name("bergson-ray")
+    cmd = [str(exe), "hessian", str(out), "--method", "kfac", "--ev_correction", str(ev).lower(),
+           "--model", model, "--dataset", data, "--split", split, "--num_shards", str(shards),
+           "--overwrite"]  # fmt: skip
+    r = run_timed(cmd, ENV)
+    if r["rc"] == 0:
+        s = json.loads((out / "summary.json").read_text())
+        r["fit"] = s["factors_pass_s"] + s["eigendecomposition_s"] + s.get("correction_pass_s", 0.0)
+        r["phases"] = {k: s[k] for k in ("factors_pass_s", "eigendecomposition_s", "correction_pass_s") if k in s}
+        r["shard_tensor_mib"] = [m["tensor_bytes"] / 2**20 for m in s["shard_memory"]]
+        r["shard_rss_mib"] = [m["peak_rss_bytes"] / 2**20 for m in s["shard_memory"]]
+        r["positions"] = s["positions"]
+    return r
+
+
+def theirs(model: str, data: str, split: str, out: Path, ev: bool) -> dict:
+    cmd = [str(bergson_cli()), "hessian", str(out), "--method", "kfac", "--ev_correction", str(ev).lower(),
+           "--model", model, "--dataset", data, "--split", split, "--overwrite", "true"]  # fmt: skip
+    r = run_timed(cmd, ENV)
+    r["fit"] = bar_seconds(r["output"], ("Approximating Hessians", "Computing eigenvectors"))
+    m = re.findall(r"Total processed: (\d+)", r["output"])
+    r["positions"] = int(m[-1]) if m else None
+    return r
+
+
+def fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--split", default="train[:400]", help="documents of the tiny corpus to fit on")
+    ap.add_argument("--shards", default="1,2,4")
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--no-bergson", action="store_true")
+    ap.add_argument("--json", help="also write all results here")
+    args = ap.parse_args()
+
+    from bergson_ray.defaults.tiny import ensure_tiny_assets
+
+    assets = ensure_tiny_assets()
+    model, data = str(assets.model_dir), str(assets.corpus_dir)
+    shard_counts = [int(k) for k in args.shards.split(",")]
+    have_bergson = bergson_cli() is not None and not args.no_bergson
+    tmp = Path(tempfile.mkdtemp(prefix="hessian_bench_"))
+    print(f"tiny model {model}\ncorpus {data} split {args.split}; machine busy "
+          f"{cpu_busy_percent():.0f}% before start; bergson {'found' if have_bergson else 'absent'}")
+    results: list[dict] = []
+    try:
+        for rep in range(args.reps):
+            for ev in (False, True):
+                label = "EK-FAC" if ev else "KFAC"
+                if have_bergson:
+                    r = theirs(model, data, args.split, tmp / f"b_{ev}", ev)
+                    results.append({"prog": "bergson", "method": label, "shards": 1, "rep": rep, **r})
+                    print(f"bergson {label}: rc={r['rc']} wall {r['wall']:.1f}s fit {fmt(r['fit'])}s "
+                          f"peak tree {r['peak_mib']:.0f} MiB", flush=True)
+                for k in shard_counts:
+                    r = ours(model, data, args.split, tmp / f"o_{ev}_{k}", k, ev)
+                    results.append({"prog": "bergson_ray", "method": label, "shards": k, "rep": rep, **r})
+                    if r["rc"] != 0:
+                        print(r["output"][-3000:])
+                        continue
+                    print(f"bergson_ray {label} K={k}: wall {r['wall']:.1f}s fit {r['fit']:.1f}s "
+                          f"{r['phases']} peak tree {r['peak_mib']:.0f} MiB; per shard tensors "
+                          f"{[round(x, 1) for x in r['shard_tensor_mib']]} MiB, "
+                          f"RSS {[round(x) for x in r['shard_rss_mib']]} MiB", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print("\n| program | method | K | wall s | fit s | peak tree MiB | max shard tensors MiB | max shard RSS MiB | wall ratio | fit ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ref = {}
+    for r in results:
+        if r["prog"] == "bergson" and r["rc"] == 0:
+            ref.setdefault(r["method"], r)
+    for r in results:
+        if r["rc"] != 0:
+            print(f"| {r['prog']} | {r['method']} | {r['shards']} | failed (rc={r['rc']}) |||||||")
+            continue
+        b = ref.get(r["method"])
+        wall_ratio = r["wall"] / b["wall"] if b and r["prog"] != "bergson" else None
+        fit_ratio = r["fit"] / b["fit"] if b and b.get("fit") and r["prog"] != "bergson" else None
+        print(
+            f"| {r['prog']} | {r['method']} | {r['shards']} | {r['wall']:.1f} | {fmt(r.get('fit'))} | "
+            f"{r['peak_mib']:.0f} | {fmt(max(r['shard_tensor_mib'])) if 'shard_tensor_mib' in r else '-'} | "
+            f"{fmt(max(r['shard_rss_mib']), '.0f') if 'shard_rss_mib' in r else '-'} | "
+            f"{fmt(wall_ratio, '.2f')} | {fmt(fit_ratio, '.2f')} |"
+        )
+    positions = {r["prog"]: r.get("positions") for r in results if r["rc"] == 0}
+    print(f"\npositions fitted: {positions} (equal counts = same documents)")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "output"} for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
