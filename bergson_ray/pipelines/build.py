@@ -27,7 +27,7 @@ from ..cli.args import from_dict
 from ..config import BuildConfig
 from ..errors import BadInputError
 from ..gradients.runner import RunnerSpec
-from .common import Layout, configure_data_context, index_dataset, plan_layout, stream, worker_pool
+from .common import Layout, configure_data_context, plan_layout, run_workers, stream, worker_pool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -186,7 +186,6 @@ def build(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None, 
 
     ``bergson_ray.build(run_path="runs/idx", projection_dim=16, dataset="tiny")``
     """
-    import ray
 
     from ..actors.gradient_worker import GradientWorker
     from ..store.gradient_store import GradientStoreWriter
@@ -231,15 +230,7 @@ def build(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None, 
         configure_data_context()
         pool = worker_pool(cfg.ray)
         spec = runner_spec(cfg, pool.device, advantages)
-        out_ds = index_dataset(todo, cfg.ray.window_size).map_batches(
-            GradientWorker,
-            fn_constructor_kwargs={"spec": spec, "torch_threads": pool.torch_threads, "chaos": _chaos},
-            batch_size=cfg.ray.window_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool.size),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus,
-        )
+        out_ds = run_workers(todo, GradientWorker, cfg.ray, pool, spec=spec, chaos=_chaos)
         for k, out in enumerate(stream(out_ds, len(todo), "build")):
             if cfg.grad.attribute_tokens:
                 rows = stack_ragged(out["grads"], layout.dim)

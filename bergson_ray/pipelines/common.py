@@ -102,6 +102,25 @@ def index_dataset(indices: np.ndarray, window: int):
     )
 
 
+def run_workers(indices: np.ndarray, worker_cls: type, ray_cfg: RayConfig, pool: PoolPlan, **kwargs):
+    """``index_dataset(indices)`` mapped through an actor pool of ``worker_cls``.
+
+    ``kwargs`` go to the worker's constructor (alongside ``torch_threads``); the
+    returned dataset is lazy: iterate it with :func:`stream`.
+    """
+    import ray
+
+    return index_dataset(indices, ray_cfg.window_size).map_batches(
+        worker_cls,
+        fn_constructor_kwargs={**kwargs, "torch_threads": pool.torch_threads},
+        batch_size=ray_cfg.window_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool.size),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+    )
+
+
 def _rename_idx(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"idx": batch["data"]}
 

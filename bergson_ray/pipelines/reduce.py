@@ -19,7 +19,7 @@ import torch
 from ..config import BuildConfig
 from ..errors import BadInputError
 from .build import Progress, as_config, open_dataset, runner_spec, validate
-from .common import configure_data_context, index_dataset, plan_layout, stream, worker_pool
+from .common import configure_data_context, plan_layout, run_workers, stream, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,9 @@ def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None,
     configure_data_context()
     pool = worker_pool(cfg.ray)
     reducer = Reducer.remote(n, layout.dim)
-    out_ds = index_dataset(np.arange(n), cfg.ray.window_size).map_batches(
-        ReduceWorker,
-        fn_constructor_kwargs={
-            "spec": runner_spec(cfg, pool.device, advantages),
-            "reducer": reducer,
-            "torch_threads": pool.torch_threads,
-            "chaos": _chaos,
-        },
-        batch_size=cfg.ray.window_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool.size),
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus,
-    )
+    spec = runner_spec(cfg, pool.device, advantages)
+    out_ds = run_workers(np.arange(n), ReduceWorker, cfg.ray, pool, spec=spec, reducer=reducer,
+                         chaos=_chaos)
     for out in stream(out_ds, n, "reduce"):
         progress.update(out)
     total, counted, dups = ray.get(reducer.result.remote())

@@ -22,7 +22,7 @@ import torch
 from ..config import BuildConfig, PreprocessConfig, ScoreRunConfig
 from ..errors import BadInputError, StoreError
 from .build import Progress, as_config, open_dataset, runner_spec, token_offsets, write_data_hf
-from .common import configure_data_context, index_dataset, plan_layout, stream, worker_pool
+from .common import configure_data_context, plan_layout, run_workers, stream, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -208,21 +208,9 @@ def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = Non
         index_cfg = dataclasses.replace(cfg, preprocess=index_side_preprocess(cfg.preprocess))
         spec = runner_spec(index_cfg, pool.device, advantages)
         qref = ray.put(query.numpy())
-        out_ds = index_dataset(todo, cfg.ray.window_size).map_batches(
-            ScoreWorker,
-            fn_constructor_kwargs={
-                "spec": spec,
-                "query": {"ref": qref},
-                "mode": cfg.score.score,
-                "query_batch_size": cfg.score.query_batch_size,
-                "torch_threads": pool.torch_threads,
-                "chaos": _chaos,
-            },
-            batch_size=cfg.ray.window_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool.size),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus,
+        out_ds = run_workers(
+            todo, ScoreWorker, cfg.ray, pool, spec=spec, query={"ref": qref},
+            mode=cfg.score.score, query_batch_size=cfg.score.query_batch_size, chaos=_chaos,
         )
         for k, out in enumerate(stream(out_ds, len(todo), "score")):
             if per_token:
