@@ -32,6 +32,8 @@ ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELIS
        "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
        "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
        "PYTHONWARNINGS": "ignore"}  # fmt: skip
+TOKEN_BATCH = 512
+"""bergson refuses a token budget above the model's max length (512 for the tiny model)."""
 _BAR = re.compile(r"^(.*?):\s+\d+%\|.*?\| *(\d+)/(\d+) \[([\d:]+)<")
 
 
@@ -52,12 +54,16 @@ def ours(model: str, data: str, split: str, out: Path, shards: int, ev: bool) ->
     exe = Path(sys.executable).with_name("bergson-ray")
     cmd = [str(exe), "hessian", str(out), "--method", "kfac", "--ev_correction", str(ev).lower(),
            "--model", model, "--dataset", data, "--split", split, "--num_shards", str(shards),
-           "--overwrite"]  # fmt: skip
+           "--token_batch_size", str(TOKEN_BATCH), "--overwrite"]  # fmt: skip
     r = run_timed(cmd, ENV)
     if r["rc"] == 0:
         s = json.loads((out / "summary.json").read_text())
         r["fit"] = s["factors_pass_s"] + s["eigendecomposition_s"] + s.get("correction_pass_s", 0.0)
-        r["phases"] = {k: s[k] for k in ("factors_pass_s", "eigendecomposition_s", "correction_pass_s") if k in s}
+        r["phases"] = {
+            k: s[k]
+            for k in ("factors_pass_s", "eigendecomposition_s", "correction_pass_s")
+            if k in s
+        }
         r["shard_tensor_mib"] = [m["tensor_bytes"] / 2**20 for m in s["shard_memory"]]
         r["shard_rss_mib"] = [m["peak_rss_bytes"] / 2**20 for m in s["shard_memory"]]
         r["positions"] = s["positions"]
@@ -66,7 +72,8 @@ def ours(model: str, data: str, split: str, out: Path, shards: int, ev: bool) ->
 
 def theirs(model: str, data: str, split: str, out: Path, ev: bool) -> dict:
     cmd = [str(bergson_cli()), "hessian", str(out), "--method", "kfac", "--ev_correction", str(ev).lower(),
-           "--model", model, "--dataset", data, "--split", split, "--overwrite", "true"]  # fmt: skip
+           "--model", model, "--dataset", data, "--split", split,
+           "--token_batch_size", str(TOKEN_BATCH), "--overwrite", "true"]  # fmt: skip
     r = run_timed(cmd, ENV)
     r["fit"] = bar_seconds(r["output"], ("Approximating Hessians", "Computing eigenvectors"))
     m = re.findall(r"Total processed: (\d+)", r["output"])
@@ -79,7 +86,9 @@ def fmt(x, spec=".1f"):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--split", default="train[:400]", help="documents of the tiny corpus to fit on")
     ap.add_argument("--shards", default="1,2,4")
     ap.add_argument("--reps", type=int, default=1)
@@ -94,8 +103,10 @@ def main() -> int:
     shard_counts = [int(k) for k in args.shards.split(",")]
     have_bergson = bergson_cli() is not None and not args.no_bergson
     tmp = Path(tempfile.mkdtemp(prefix="hessian_bench_"))
-    print(f"tiny model {model}\ncorpus {data} split {args.split}; machine busy "
-          f"{cpu_busy_percent():.0f}% before start; bergson {'found' if have_bergson else 'absent'}")
+    print(
+        f"tiny model {model}\ncorpus {data} split {args.split}; machine busy "
+        f"{cpu_busy_percent():.0f}% before start; bergson {'found' if have_bergson else 'absent'}"
+    )
     results: list[dict] = []
     try:
         for rep in range(args.reps):
@@ -103,23 +114,37 @@ def main() -> int:
                 label = "EK-FAC" if ev else "KFAC"
                 if have_bergson:
                     r = theirs(model, data, args.split, tmp / f"b_{ev}", ev)
-                    results.append({"prog": "bergson", "method": label, "shards": 1, "rep": rep, **r})
-                    print(f"bergson {label}: rc={r['rc']} wall {r['wall']:.1f}s fit {fmt(r['fit'])}s "
-                          f"peak tree {r['peak_mib']:.0f} MiB", flush=True)
+                    results.append(
+                        {"prog": "bergson", "method": label, "shards": 1, "rep": rep, **r}
+                    )
+                    if r["rc"] != 0:
+                        print(r["output"][-3000:])
+                    print(
+                        f"bergson {label}: rc={r['rc']} wall {r['wall']:.1f}s fit {fmt(r['fit'])}s "
+                        f"peak tree {r['peak_mib']:.0f} MiB",
+                        flush=True,
+                    )
                 for k in shard_counts:
                     r = ours(model, data, args.split, tmp / f"o_{ev}_{k}", k, ev)
-                    results.append({"prog": "bergson_ray", "method": label, "shards": k, "rep": rep, **r})
+                    results.append(
+                        {"prog": "bergson_ray", "method": label, "shards": k, "rep": rep, **r}
+                    )
                     if r["rc"] != 0:
                         print(r["output"][-3000:])
                         continue
-                    print(f"bergson_ray {label} K={k}: wall {r['wall']:.1f}s fit {r['fit']:.1f}s "
-                          f"{r['phases']} peak tree {r['peak_mib']:.0f} MiB; per shard tensors "
-                          f"{[round(x, 1) for x in r['shard_tensor_mib']]} MiB, "
-                          f"RSS {[round(x) for x in r['shard_rss_mib']]} MiB", flush=True)
+                    print(
+                        f"bergson_ray {label} K={k}: wall {r['wall']:.1f}s fit {r['fit']:.1f}s "
+                        f"{r['phases']} peak tree {r['peak_mib']:.0f} MiB; per shard tensors "
+                        f"{[round(x, 1) for x in r['shard_tensor_mib']]} MiB, "
+                        f"RSS {[round(x) for x in r['shard_rss_mib']]} MiB",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print("\n| program | method | K | wall s | fit s | peak tree MiB | max shard tensors MiB | max shard RSS MiB | wall ratio | fit ratio |")
+    print(
+        "\n| program | method | K | wall s | fit s | peak tree MiB | max shard tensors MiB | max shard RSS MiB | wall ratio | fit ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     ref = {}
     for r in results:
@@ -141,7 +166,9 @@ def main() -> int:
     positions = {r["prog"]: r.get("positions") for r in results if r["rc"] == 0}
     print(f"\npositions fitted: {positions} (equal counts = same documents)")
     if args.json:
-        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "output"} for r in results], indent=2))
+        Path(args.json).write_text(
+            json.dumps([{k: v for k, v in r.items() if k != "output"} for r in results], indent=2)
+        )
     return 0
 
 

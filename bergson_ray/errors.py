@@ -26,25 +26,28 @@ class RunExistsError(BergsonRayError, FileExistsError):
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """Return the first :class:`BergsonRayError` in ``exc``'s cause chain, else ``exc``.
+    """The innermost :class:`BergsonRayError` in ``exc``'s cause chain, else ``exc``.
 
-    Ray re-raises task failures as ``RayTaskError`` subclasses whose ``cause`` (or
-    ``__cause__``) is the original exception; Ray Data may wrap that again.
+    Ray re-raises a remote failure as ``RayTaskError(<original class>)``, which *is* an
+    instance of the original class but whose message is the remote traceback; the
+    original exception is its ``cause``. Following causes to the deepest user error
+    gives back the one-sentence message.
     """
     seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        cur = stack.pop()
-        if id(cur) in seen:
-            continue
+    found: BaseException | None = None
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, BergsonRayError):
-            return cur
+            found = cur
+        nxt = None
         for attr in ("cause", "__cause__", "__context__"):
-            nxt = getattr(cur, attr, None)
-            if isinstance(nxt, BaseException):
-                stack.append(nxt)
-    return exc
+            cand = getattr(cur, attr, None)
+            if isinstance(cand, BaseException):
+                nxt = cand
+                break
+        cur = nxt
+    return found if found is not None else exc
 
 
 def encode_error(err: BergsonRayError) -> str:

@@ -14,4 +14,4 @@ fi
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "$TORCH_SPEC"
 # constrain torch to what is installed so no dependency can swap it for a CUDA build
 .venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/torch-constraint.txt
-.venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -e ".[dev]"
+.venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -e ".[dev,serve]"

@@ -29,6 +29,17 @@ import numpy as np
 import pytest
 import torch
 
+from bergson_ray.config import (
+    BatchConfig,
+    BuildConfig,
+    DataConfig,
+    GradientConfig,
+    ModelConfig,
+    PreprocessConfig,
+    RunConfig,
+    ScoreRunConfig,
+)
+from bergson_ray.config_io import build_step_body, load_step_config
 from bergson_ray.store.gradient_store import GradientStore, GradientStoreWriter, offsets_from_counts
 from bergson_ray.store.processor import (
     NormalizerState,
@@ -404,3 +415,104 @@ def test_bergson_scores_against_our_copy_of_its_query_index(bergson_runs, tmp_pa
     again = ScoreStore.open(tmp_path / "score_on_ours")
     assert again.is_complete()
     np.testing.assert_allclose(again.scores, theirs.scores, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- our config.yaml, bergson's reader
+
+_BERGSON_READS_OUR_CONFIG = """
+import json, sys
+from dataclasses import asdict
+from bergson.config import IndexConfig, PreprocessConfig
+from bergson.config.config_io import load_subconfig
+pre = load_subconfig(sys.argv[1], "preprocess_cfg", PreprocessConfig)
+idx = load_subconfig(sys.argv[1], "index_cfg", IndexConfig)
+print(json.dumps({"pre": asdict(pre), "idx": asdict(idx)}, default=str))
+"""
+
+
+def _write_build_config(run: RunDir, cfg) -> None:
+    """Exactly what ``build``/``reduce`` write: our fields + bergson's sections."""
+    run.write_config(build_step_body(cfg), command="build")
+
+
+def test_bergson_reads_our_config_yaml(tmp_path):
+    cfg = BuildConfig(
+        run=RunConfig(run_path=str(tmp_path / "run")),
+        model=ModelConfig(model=str(MODEL)),
+        data=DataConfig(dataset=str(DATA / "pydoc"), split="train[:8]", truncation=True),
+        grad=GradientConfig(projection_dim=16, projection_seed=5, include_bias=True),
+        batch=BatchConfig(token_batch_size=1024, max_batch_size=4),
+        preprocess=PreprocessConfig(
+            unit_normalize=True, hessian_path="/runs/hess", inversion="pseudoinverse",
+            damping_factor=0.3, aggregation="mean", normalize_aggregated_grad=True,
+        ),
+    )  # fmt: skip
+    rd = RunDir(cfg.run.run_path)
+    _write_build_config(rd, cfg)
+    rd.commit()
+
+    res = anchor(_BERGSON_READS_OUR_CONFIG, str(tmp_path / "run"))
+    pre = res["pre"]
+    assert pre["unit_normalize"] is True and pre["hessian_path"] == "/runs/hess"
+    assert pre["inversion_cfg"]["inversion"] == "pseudoinverse"
+    assert pre["inversion_cfg"]["damping_factor"] == 0.3
+    assert pre["aggregation"] == "mean" and pre["normalize_aggregated_grad"] is True
+    assert pre["ev_correction"] is False
+    idx = res["idx"]
+    assert idx["model"] == str(MODEL) and idx["precision"] == "fp32"
+    assert idx["data"]["dataset"] == str(DATA / "pydoc") and idx["data"]["split"] == "train[:8]"
+    assert idx["data"]["truncation"] is True
+    assert (idx["projection_dim"], idx["projection_seed"], idx["include_bias"]) == (16, 5, True)
+    assert (idx["projection_type"], idx["projection_scale"]) == ("rademacher", "jl")
+    assert (idx["token_batch_size"], idx["max_batch_size"]) == (1024, 4)
+    # and our own reader still rebuilds the exact BuildConfig
+    assert load_step_config(tmp_path / "run", BuildConfig) == cfg
+
+
+def test_bergson_scores_against_a_query_store_we_built(bergson_runs, tmp_path):
+    """End to end: our engine computes the query rows (projection version 2), our writers
+    store them with the files ``build`` writes, and ``bergson score`` accepts the store
+    and reproduces the scores it gets with its own query index."""
+    import datasets
+
+    from bergson_ray.gradients.runner import GradientRunner, RunnerSpec
+    from bergson_ray.pipelines.score import check_query_compatible
+
+    cfg = BuildConfig(
+        run=RunConfig(run_path=str(tmp_path / "query_ours")),
+        model=ModelConfig(model=str(MODEL)),
+        data=DataConfig(dataset=str(DATA / "pydoc_query"), split="train[:3]", truncation=True),
+        grad=GradientConfig(projection_dim=16),
+    )
+    runner = GradientRunner(
+        RunnerSpec(model=cfg.model, grad=cfg.grad, data=cfg.data, batch=cfg.batch)
+    )
+    out = runner.gradients(np.arange(3))
+    theirs = GradientStore.open(bergson_runs["query_p16"])
+    assert list(runner.engine.grad_sizes) == list(theirs.grad_sizes)
+    ref = theirs.rows(slice(None)).numpy()
+    np.testing.assert_allclose(out["grads"], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+    rd = RunDir(cfg.run.run_path)
+    with GradientStoreWriter(
+        rd.path, num_items=3, grad_sizes=runner.engine.grad_sizes, dtype="float32"
+    ) as w:
+        w.write_rows(np.arange(3), out["grads"])
+    save_processor(rd.path, ProcessorConfig.from_gradient_config(cfg.grad))
+    write_total_processed(rd.path, int(np.maximum(out["length"] - 1, 0).sum()))
+    ds = datasets.load_from_disk(str(DATA / "pydoc_query")).select(range(3))
+    ds = ds.add_column("length", out["length"].tolist()).add_column("loss", out["loss"].tolist())
+    ds.save_to_disk(str(rd.path / "data.hf"))
+    _write_build_config(rd, cfg)
+    rd.commit()
+    # both directions agree the projections match: our score accepts bergson's store too
+    check_query_compatible(bergson_runs["query_p16"], ScoreRunConfig(grad=cfg.grad))
+
+    args = list(BERGSON_RUNS["score_p16"])
+    args[args.index("{RUNS}/query_p16")] = str(tmp_path / "query_ours")
+    _bergson("score_on_our_build", args, tmp_path / "score_on_our_build")
+    again = ScoreStore.open(tmp_path / "score_on_our_build")
+    assert again.is_complete()
+    np.testing.assert_allclose(
+        again.scores, ScoreStore.open(bergson_runs["score_p16"]).scores, rtol=1e-5, atol=1e-4
+    )

@@ -17,7 +17,10 @@ def in_process_rows(split: str, projection_dim: int = 0) -> torch.Tensor:
 
     runner = GradientRunner(
         RunnerSpec(
-            ModelConfig(), GradientConfig(projection_dim=projection_dim), DataConfig(split=split), BatchConfig()
+            ModelConfig(),
+            GradientConfig(projection_dim=projection_dim),
+            DataConfig(split=split),
+            BatchConfig(),
         )
     )
     n = int(split.split(":")[1].rstrip("]"))
@@ -25,10 +28,12 @@ def in_process_rows(split: str, projection_dim: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("projection_dim", [0, 8])
-def test_ekfac_scores_are_preconditioned_inner_products(ray_session, tiny_assets, tmp_path, projection_dim):
+def test_ekfac_scores_are_preconditioned_inner_products(
+    ray_session, tiny_assets, tmp_path, projection_dim
+):
+    from bergson_ray.config import GradientConfig, ModelConfig
     from bergson_ray.gradients.projection import ProjectionCache
     from bergson_ray.pipelines.common import plan_layout
-    from bergson_ray.config import GradientConfig, ModelConfig
     from bergson_ray.pipelines.ekfac import ekfac
     from bergson_ray.store.gradient_store import GradientStore
     from bergson_ray.store.score_store import ScoreStore

@@ -108,7 +108,7 @@ def brute_force(model, docs, gcfg, *, use_dataset_labels=False, seed=0, prompt_l
         length = len(doc)
         acts, grads, handles = {}, {}, []
 
-        def fwd(name):
+        def fwd(name, acts=acts, grads=grads):
             def hook(mod, inp, output):
                 acts[name] = inp[0].detach()[0]
                 output.register_hook(lambda g_: grads.__setitem__(name, g_.detach()[0]))

@@ -33,7 +33,9 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def assert_same_hessian(a, b, tol=1e-5, fields=("A", "S", "eigenvalues", "factor_eig_a", "factor_eig_g", "correction")):
+def assert_same_hessian(
+    a, b, tol=1e-5, fields=("A", "S", "eigenvalues", "factor_eig_a", "factor_eig_g", "correction")
+):
     fa, fb = read_factored(a, with_factors=True), read_factored(b, with_factors=True)
     assert list(fa) == list(fb)
     for m in fa:
@@ -72,7 +74,11 @@ def test_pipeline_factors_equal_in_process_fit(base_run, tiny_assets):
     state = runner.fitter.state_dicts()
     got = read_factored(base_run, with_factors=True)
     info = json.loads((base_run / "hessian_info.json").read_text())
-    assert info["total_processed"] == runner.stats["positions"] == int(next(iter(state.values()))["count"])
+    assert (
+        info["total_processed"]
+        == runner.stats["positions"]
+        == int(next(iter(state.values()))["count"])
+    )
     for m, st in state.items():
         assert rel(got[m].A, st["A"]) < 1e-6 and rel(got[m].S, st["S"]) < 1e-6
     assert (base_run / "total_processed.pt").exists()
@@ -110,7 +116,14 @@ def test_killed_shard_during_accumulation_recovers(base_run, tmp_path):
     assert_same_hessian(base_run, out)
 
 
-@pytest.mark.parametrize("stage", ["finalize", "merge_correction", "write"])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "finalize",
+        pytest.param("merge_correction", marks=pytest.mark.slow),
+        pytest.param("write", marks=pytest.mark.slow),
+    ],
+)
 def test_killed_shard_holding_data_is_replayed(base_run, tmp_path, stage):
     """Killed while holding merged sums / eigenbases / corrections: replaced and replayed."""
     out = run(tmp_path, "kill", {"kill_shard": 2, "kill_shard_at": stage}, num_shards=3)
@@ -121,8 +134,11 @@ def test_killed_shard_holding_data_is_replayed(base_run, tmp_path, stage):
 def test_killed_shard_fails_loudly_without_restarts(ray_session, tmp_path):
     with pytest.raises(StoreError, match="died during"):
         run(
-            tmp_path, "kill_fail", {"kill_shard": 0, "kill_shard_at": "merge_factors"},
-            num_shards=2, max_shard_restarts=0,
+            tmp_path,
+            "kill_fail",
+            {"kill_shard": 0, "kill_shard_at": "merge_factors"},
+            num_shards=2,
+            max_shard_restarts=0,
         )
     assert not (tmp_path / "kill_fail").exists()  # nothing committed
     part = tmp_path / "kill_fail.part"
@@ -141,8 +157,20 @@ def test_autocorrelation_dense_processor_dir(ray_session, tmp_path):
     from bergson_ray.cli.main import main
     from bergson_ray.store.processor import load_hessians, load_hessians_eigen
 
-    args = ["hessian", str(tmp_path / "ac3"), "--method", "autocorrelation", "--projection_dim", "8",
-            "--split", "train[:24]", "--window_size", "8", "--num_shards", "3"]
+    args = [
+        "hessian",
+        str(tmp_path / "ac3"),
+        "--method",
+        "autocorrelation",
+        "--projection_dim",
+        "8",
+        "--split",
+        "train[:24]",
+        "--window_size",
+        "8",
+        "--num_shards",
+        "3",
+    ]
     assert main(args) == 0
     one = run(tmp_path, "ac1", method="autocorrelation", ev_correction=False, projection_dim=8)
     h3, h1 = load_hessians(tmp_path / "ac3"), load_hessians(one)

@@ -74,7 +74,7 @@ def test_service_equals_in_process_attributor(three, local):
         assert g.ids == w.ids and g.texts == w.texts and g.query == w.query
         np.testing.assert_allclose(g.scores, w.scores, rtol=1e-5)
     grads = local.gradients(TEXTS)
-    np.testing.assert_allclose(three.gradients(TEXTS), grads, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(three.gradients(TEXTS), grads, rtol=1e-4, atol=1e-5)
     by_grad = three.query_gradients(grads, k=6)
     assert [r.ids for r in by_grad] == [w.ids for w in want]
     bottom = three.query(TEXTS, k=4, reverse=True)

@@ -50,19 +50,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kill_tree(pgid: int, marker: str) -> None:
+def _kill_tree(proc: subprocess.Popen, marker: str) -> None:
     """SIGTERM our process group, then SIGKILL whatever still runs under ``marker``."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.time() + 20
-    while time.time() < deadline:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
-            os.killpg(pgid, 0)
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            break
         except ProcessLookupError:
             break
-        time.sleep(0.5)
+        except subprocess.TimeoutExpired:
+            continue
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
             continue
@@ -103,7 +101,7 @@ def head():
             raise RuntimeError("the Ray head did not come up")
         yield address
     finally:
-        _kill_tree(proc.pid, tmp)
+        _kill_tree(proc, tmp)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

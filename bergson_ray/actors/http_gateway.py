@@ -11,6 +11,8 @@ code on the cluster, so keep them on loopback or a private network. This endpoin
 the only one meant to be exposed, and it binds to 127.0.0.1 unless told otherwise.
 """
 
+# No ``from __future__ import annotations`` here: FastAPI must see the real ``Request``
+# class in the signatures, or it takes ``request`` for a query parameter (HTTP 422).
 
 import hashlib
 import hmac

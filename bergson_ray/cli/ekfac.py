@@ -13,7 +13,9 @@ def add_parser(sub) -> None:
     from ..pipelines.ekfac import EkfacRunConfig
 
     p = sub.add_parser("ekfac", help=HELP, description=HELP)
-    p.add_argument("run_path", help="directory holding query/, hessian/<method>/, <method>_query/, scores/")
+    p.add_argument(
+        "run_path", help="directory holding query/, hessian/<method>/, <method>_query/, scores/"
+    )
     add_dataclass_args(p, EkfacRunConfig, skip=("run_path", "run.run_path"))
     p.set_defaults(func=run)
 

@@ -12,7 +12,9 @@ HELP = "fit a Hessian approximation (dense autocorrelation, or KFAC/TKFAC/Shampo
 
 def add_parser(sub) -> None:
     p = sub.add_parser("hessian", help=HELP, description=HELP)
-    p.add_argument("run_path", help="output directory (written as RUN_PATH.part, renamed at the end)")
+    p.add_argument(
+        "run_path", help="output directory (written as RUN_PATH.part, renamed at the end)"
+    )
     add_dataclass_args(p, HessianRunConfig, skip=("run_path", "run.run_path"))
     p.set_defaults(func=run)
 

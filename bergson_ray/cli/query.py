@@ -59,9 +59,7 @@ class _Searcher:
             raise BadInputError("give --index STORE (search here) or --name SERVICE")
 
     def run(self, queries: list, k: int, bottom_k: int) -> list:
-        out = []
-        if k > 0:
-            out += self.impl.query(queries, k=k)
+        out = list(self.impl.query(queries, k=k))  # the searcher validates k
         if bottom_k > 0:
             out += self.impl.query(queries, k=bottom_k, reverse=True)
         return out

@@ -48,6 +48,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..errors import BadInputError
+
 PROJECTION_VERSIONS = (1, 2)
 DEFAULT_PROJECTION_VERSION = 2
 """What we generate unless told otherwise: bergson 2.5's matrices."""
@@ -92,7 +94,7 @@ def philox_key(identifier: str) -> tuple[int, int]:
 
 def check_version(version: int) -> int:
     if version not in PROJECTION_VERSIONS:
-        raise ValueError(
+        raise BadInputError(
             f"unknown projection_version {version!r}; supported: {list(PROJECTION_VERSIONS)}"
         )
     return int(version)
@@ -152,7 +154,7 @@ def _normals_block(blocks: np.ndarray) -> np.ndarray:
     """``[R, W, 4]`` Philox outputs -> ``[R, 4 W]`` standard normals (Box-Muller)."""
     out = np.empty(blocks.shape, dtype=np.float32)
     for first, (a_col, b_col) in enumerate(((0, 1), (2, 3))):
-        # the uniforms are formed in float32, exactly as the reference kernels do
+        # the uniforms are formed in float32 exactly as bergson forms them; the rest is float64
         u1 = (blocks[..., a_col].astype(np.float32) + np.float32(0.5)) * _INV_2_32
         u2 = blocks[..., b_col].astype(np.float32) * _INV_2_32
         theta = (_TWO_PI_F32 * u2).astype(np.float64)

@@ -53,7 +53,9 @@ class SummedState:
         for key, value in other.items():
             mine = self._state[key]
             if value.shape != mine.shape:
-                raise ValueError(f"shape mismatch for {key!r}: {tuple(value.shape)} vs {tuple(mine.shape)}")
+                raise ValueError(
+                    f"shape mismatch for {key!r}: {tuple(value.shape)} vs {tuple(mine.shape)}"
+                )
             mine.add_(value.to(device=mine.device, dtype=mine.dtype))
 
     def reset(self) -> None:

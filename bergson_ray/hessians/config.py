@@ -73,7 +73,9 @@ class HessianConfig:
             raise BadInputError(f"unknown --method {self.method!r}")
         if self.method == "autocorrelation":
             if self.ev_correction:
-                raise BadInputError("--ev_correction needs a factored --method (kfac/tkfac/shampoo)")
+                raise BadInputError(
+                    "--ev_correction needs a factored --method (kfac/tkfac/shampoo)"
+                )
             if grad.projection_target == "global":
                 raise BadInputError(
                     "autocorrelation with --projection_target global is not supported"

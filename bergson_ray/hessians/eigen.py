@@ -13,7 +13,11 @@ from ..errors import StoreError
 
 
 def eigh_fp64(
-    matrix: torch.Tensor, count: int | float = 1, *, name: str = "", dtype: torch.dtype | None = None
+    matrix: torch.Tensor,
+    count: int | float = 1,
+    *,
+    name: str = "",
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of ``sym(matrix) / count``.
 

@@ -54,7 +54,10 @@ class KroneckerFactors:
             return None if t is None else t.to(device=device, dtype=dtype)
 
         return KroneckerFactors(
-            *(mv(getattr(self, k)) for k in ("q_a", "q_g", "eigenvalues", "factor_eig_a", "factor_eig_g")),
+            *(
+                mv(getattr(self, k))
+                for k in ("q_a", "q_g", "eigenvalues", "factor_eig_a", "factor_eig_g")
+            ),
             correction=mv(self.correction),
             A=mv(self.A),
             S=mv(self.S),

@@ -43,7 +43,9 @@ def _splitmix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def position_uniforms(doc_ids: torch.Tensor, positions: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def position_uniforms(
+    doc_ids: torch.Tensor, positions: torch.Tensor, seed: int = 0
+) -> torch.Tensor:
     """A uniform in [0, 1) per (seed, document, position), fp64; pure function of the three.
 
     Counter-based (a hash, not a generator stream), so a label depends only on

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,32 +28,9 @@ from .autocorrelation import GramAccumulator
 from .config import HessianConfig, torch_dtype
 from .ev_correction import EigenCorrectionAccumulator
 from .fisher import fisher_loss
-from .methods import make_factor_accumulator
+from .specs import ModuleSpec, empty_factor_accumulators
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModuleSpec:
-    """Shape of one target module as the Hessian sees it."""
-
-    out_features: int
-    in_features: int
-    bias: bool
-
-    @property
-    def in_dim(self) -> int:
-        """``I'``: input features plus the bias column."""
-        return self.in_features + int(self.bias)
-
-    @property
-    def factor_cost(self) -> int:
-        """Eigendecomposition work (``d³``) of the two factors."""
-        return self.in_dim**3 + self.out_features**3
-
-    @property
-    def factor_bytes_per_elem(self) -> int:
-        return self.in_dim**2 + self.out_features**2
 
 
 def module_specs(model: nn.Module, grad_cfg: GradientConfig) -> dict[str, ModuleSpec]:
@@ -65,23 +41,6 @@ def module_specs(model: nn.Module, grad_cfg: GradientConfig) -> dict[str, Module
         bias = bool(grad_cfg.include_bias and getattr(mod, "bias", None) is not None)
         out[name] = ModuleSpec(o, i, bias)
     return out
-
-
-def empty_factor_accumulators(
-    specs: Mapping[str, ModuleSpec], hessian_cfg: HessianConfig, device: str = "cpu"
-) -> dict[str, SummedState]:
-    dtype = torch_dtype(hessian_cfg.hessian_dtype)
-    return {
-        name: make_factor_accumulator(
-            hessian_cfg.method,
-            s.in_features,
-            s.out_features,
-            bias=s.bias,
-            dtype=dtype,
-            device=device,
-        )
-        for name, s in specs.items()
-    }
 
 
 class _TapRouter:
@@ -151,7 +110,11 @@ class FactorFitter:
         lengths = torch.as_tensor(lengths, device=self.device)
         mask = collection_mask(lengths, input_ids.shape[1])
         self.router.mask = mask
-        with torch.enable_grad(), InputGradSwitch(self.model), ModuleTaps(self.modules, self.router):
+        with (
+            torch.enable_grad(),
+            InputGradSwitch(self.model),
+            ModuleTaps(self.modules, self.router),
+        ):
             logits = self.model(input_ids).logits
             loss = fisher_loss(
                 logits,
@@ -178,7 +141,9 @@ class FactorFitter:
 
     def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         """Module -> the accumulator's running sums (CPU tensors)."""
-        return {k: {n: t.cpu() for n, t in a.state_dict().items()} for k, a in self.accumulators.items()}
+        return {
+            k: {n: t.cpu() for n, t in a.state_dict().items()} for k, a in self.accumulators.items()
+        }
 
     def reset(self) -> None:
         for a in self.accumulators.values():
@@ -217,7 +182,9 @@ class GramFitter:
         return int(rows.shape[0])
 
     def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {k: {n: t.cpu() for n, t in a.state_dict().items()} for k, a in self.accumulators.items()}
+        return {
+            k: {n: t.cpu() for n, t in a.state_dict().items()} for k, a in self.accumulators.items()
+        }
 
     def reset(self) -> None:
         for a in self.accumulators.values():

@@ -59,7 +59,9 @@ def eigen_multiplier(
     """
     power = check_power(power)
     if inversion not in INVERSIONS:
-        raise BadInputError(f"unknown --inversion {inversion!r}; choose from {', '.join(INVERSIONS)}")
+        raise BadInputError(
+            f"unknown --inversion {inversion!r}; choose from {', '.join(INVERSIONS)}"
+        )
     if damping_factor < 0:
         raise BadInputError("--damping_factor must be >= 0")
     lam = lam.double().clamp_min(0)

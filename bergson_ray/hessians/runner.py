@@ -77,7 +77,9 @@ class HessianRunner:
         for positions in self.base.batches(docs):
             batch = collate([docs[j] for j in positions])
             if isinstance(self.fitter, FactorFitter):
-                out["positions"] += self.fitter.accumulate_batch(batch, torch.from_numpy(idx[positions]))
+                out["positions"] += self.fitter.accumulate_batch(
+                    batch, torch.from_numpy(idx[positions])
+                )
             else:
                 out["rows"] += self.fitter.accumulate_batch(batch)
                 out["positions"] += int(sum(max(len(docs[j].input_ids) - 1, 0) for j in positions))

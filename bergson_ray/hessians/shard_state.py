@@ -24,7 +24,7 @@ from .config import HessianConfig, torch_dtype
 from .eigen import eigh_fp64
 from .factored import KroneckerFactors, fit_kronecker
 from .factored_io import shard_slices
-from .fitter import ModuleSpec, empty_factor_accumulators
+from .specs import ModuleSpec, empty_factor_accumulators
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,16 @@ class ShardState:
         total = sum(a.nbytes for a in self.acc.values())
         total += sum(a.nbytes for a in self.correction.values())
         for kf in self.results.values():
-            for t in (kf.q_a, kf.q_g, kf.eigenvalues, kf.factor_eig_a, kf.factor_eig_g, kf.correction, kf.A, kf.S):
+            for t in (
+                kf.q_a,
+                kf.q_g,
+                kf.eigenvalues,
+                kf.factor_eig_a,
+                kf.factor_eig_g,
+                kf.correction,
+                kf.A,
+                kf.S,
+            ):
                 if t is not None:
                     total += t.numel() * t.element_size()
         for h in self.dense.values():

@@ -57,12 +57,14 @@ class EkfacRunConfig:
     grad: GradientConfig = field(default_factory=GradientConfig)
     """Index settings of the scoring pass (the Hessian and query use full gradients)."""
     batch: BatchConfig = field(default_factory=BatchConfig)
-    hessian: HessianConfig = field(default_factory=lambda: HessianConfig(method="kfac", ev_correction=True))
+    hessian: HessianConfig = field(
+        default_factory=lambda: HessianConfig(method="kfac", ev_correction=True)
+    )
     query_aggregation: Literal["mean", "sum", "none"] = "mean"
     """``none`` keeps one score column per query."""
-    inversion: Literal["damped_inverse", "tikhonov_filtered", "pseudoinverse", "factored_tikhonov"] = (
-        "damped_inverse"
-    )
+    inversion: Literal[
+        "damped_inverse", "tikhonov_filtered", "pseudoinverse", "factored_tikhonov"
+    ] = "damped_inverse"
     damping_factor: float = 0.1
     apply_batch_size: int = 32
     """Query rows preconditioned at once."""
@@ -114,7 +116,9 @@ def _hessian(cfg: EkfacRunConfig, path: Path) -> Path:
     )
 
 
-def precondition_query(cfg: EkfacRunConfig, query_path: Path, hessian_path: Path, out: Path) -> Path:
+def precondition_query(
+    cfg: EkfacRunConfig, query_path: Path, hessian_path: Path, out: Path
+) -> Path:
     """``H⁻¹ q`` per query row (then the index's projection, if any) as a gradient store."""
     from ..gradients.projection import ProjectionCache
     from ..hessians.factored_io import read_factored
@@ -135,7 +139,9 @@ def precondition_query(cfg: EkfacRunConfig, query_path: Path, hessian_path: Path
     target = plan_layout(cfg.model, cfg.grad).grad_sizes
     missing = [m for m in target if m not in factors]
     if missing:
-        raise BadInputError(f"the Hessian has no factors for {missing[:3]}; fit it on the same modules")
+        raise BadInputError(
+            f"the Hessian has no factors for {missing[:3]}; fit it on the same modules"
+        )
     p = cfg.grad.projection_dim
     proj = None
     if p:
@@ -146,7 +152,9 @@ def precondition_query(cfg: EkfacRunConfig, query_path: Path, hessian_path: Path
             seed=cfg.grad.projection_seed,
         )
     run = RunDir(out, overwrite=cfg.run.overwrite)
-    writer = GradientStoreWriter(run.part, num_items=store.num_grads, grad_sizes=target, dtype="float32")
+    writer = GradientStoreWriter(
+        run.part, num_items=store.num_grads, grad_sizes=target, dtype="float32"
+    )
     offsets, start = {}, 0
     for name, size in store.grad_sizes.items():
         offsets[name] = (start, size)

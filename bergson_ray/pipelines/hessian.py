@@ -97,7 +97,9 @@ def plan_shards(cfg: HessianRunConfig, costs: dict[str, float]) -> list[list[str
 
 
 def index_windows(n: int, window: int) -> list[np.ndarray]:
-    return [np.arange(lo, min(lo + window, n), dtype=np.int64) for lo in range(0, n, max(1, window))]
+    return [
+        np.arange(lo, min(lo + window, n), dtype=np.int64) for lo in range(0, n, max(1, window))
+    ]
 
 
 class ShardedFit:
@@ -146,6 +148,9 @@ class ShardedFit:
             "factors": [[] for _ in owners],
             "correction": [[] for _ in owners],
         }
+        self.expected: dict[str, set[str]] = {"factors": set(), "correction": set()}
+        # With no replacements allowed there is nothing to replay: free each ref once merged.
+        self.keep_refs = cfg.hessian.max_shard_restarts > 0
         self.stages: set[str] = set()
         self.workers: list[Any] = []
         self.incarnation: list[int] = []
@@ -183,7 +188,10 @@ class ShardedFit:
             refs.append(shard.finalize.remote(self.num_documents))
         if "correction" in self.stages:
             refs.append(shard.start_correction.remote())
-            refs += [shard.merge_correction.remote(key, ref) for key, ref in self.retained["correction"][k]]
+            refs += [
+                shard.merge_correction.remote(key, ref)
+                for key, ref in self.retained["correction"][k]
+            ]
         if "finalize_correction" in self.stages:
             refs.append(shard.finalize_correction.remote(self.num_documents))
         self.shards[k] = shard
@@ -229,9 +237,9 @@ class ShardedFit:
 
     # ----------------------------------------------------------------- workers
     def _new_worker(self):
-        w = self._worker_cls.options(num_cpus=self.pool.num_cpus, num_gpus=self.pool.num_gpus).remote(
-            self.spec, self.pool.torch_threads, self.chaos.get("worker")
-        )
+        w = self._worker_cls.options(
+            num_cpus=self.pool.num_cpus, num_gpus=self.pool.num_gpus
+        ).remote(self.spec, self.pool.torch_threads, self.chaos.get("worker"))
         if "correction" in self.stages:
             w.start_correction.remote(*self.eigen_refs)
         return w
@@ -321,7 +329,10 @@ class ShardedFit:
             refs = w.contributions.options(num_returns=k).remote(self.owners)
             refs = [refs] if k == 1 else list(refs)
             try:
-                self.ray.get(refs[0])  # the values live on (driver-owned) after this
+                # Wait without pulling the sums to the driver; the worker answering
+                # afterwards proves the hand-over finished (actor calls run in order).
+                self.ray.wait(refs, num_returns=len(refs), fetch_local=False)
+                self.ray.get(w.ready.remote())
                 handed[slot] = refs
             except RayActorError:
                 todo.extend(done[slot])
@@ -331,10 +342,14 @@ class ShardedFit:
         merge = "merge" if kind == "factors" else "merge_correction"
         calls = []
         for slot, refs in handed.items():
-            key = f"{kind}/worker{slot}.{self.incarnation[slot]}.{len(self.retained[kind][0])}"
+            key = f"{kind}/worker{slot}.{self.incarnation[slot]}.{len(self.expected[kind])}"
+            self.expected[kind].add(key)
             for shard_id, ref in enumerate(refs):
-                self.retained[kind][shard_id].append((key, ref))
-                calls.append((shard_id, lambda s, m=merge, a=key, r=ref: getattr(s, m).remote(a, r)))
+                if self.keep_refs:
+                    self.retained[kind][shard_id].append((key, ref))
+                calls.append(
+                    (shard_id, lambda s, m=merge, a=key, r=ref: getattr(s, m).remote(a, r))
+                )
             for name, val in stats[slot].items():
                 self.reported[kind][name] = self.reported[kind].get(name, 0) + val
             stats[slot] = {}
@@ -343,7 +358,7 @@ class ShardedFit:
     # ------------------------------------------------------------------- stages
     def verify(self, kind: str) -> None:
         """Every shard merged every contribution and counts exactly what workers processed."""
-        expected = sorted({key for per in self.retained[kind] for key, _ in per})
+        expected = sorted(self.expected[kind])
         merged = self.on_shards("merged", kind, what="checks")
         counts = self.on_shards("counts", kind, what="checks")
         rep = self.reported[kind]
@@ -414,7 +429,12 @@ class ShardedFit:
                     self._replace_shard(j, "exporting factors")
                 continue
             calls = [
-                (r, lambda s, r=r, parts=[e[r] for e in exports]: s.write_file.remote(str(root), r, *parts))
+                (
+                    r,
+                    lambda s, r=r, parts=[e[r] for e in exports]: s.write_file.remote(
+                        str(root), r, *parts
+                    ),
+                )
                 for r in range(k)
             ]
             self.gather(calls, "writing files")
@@ -431,7 +451,9 @@ class ShardedFit:
         self.shards = []
 
 
-def hessian(cfg: HessianRunConfig | dict | None = None, *, _chaos: dict | None = None, **overrides) -> Path:
+def hessian(
+    cfg: HessianRunConfig | dict | None = None, *, _chaos: dict | None = None, **overrides
+) -> Path:
     """Fit a Hessian approximation; returns the finished run directory.
 
     ``bergson_ray.hessian(run_path="runs/h", method="kfac", ev_correction=True)``
@@ -457,7 +479,10 @@ def hessian(cfg: HessianRunConfig | dict | None = None, *, _chaos: dict | None =
     part = Path(run.part)
     log.info(
         "hessian %s: %d documents, %d modules on %d shards",
-        cfg.hessian.method, n, len(modules), len(owners),
+        cfg.hessian.method,
+        n,
+        len(modules),
+        len(owners),
     )
     init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
     configure_data_context()
@@ -496,7 +521,9 @@ def hessian(cfg: HessianRunConfig | dict | None = None, *, _chaos: dict | None =
     write_info(
         part,
         {
-            "format": "factored (bergson sharded safetensors)" if cfg.hessian.factored else "dense processor",
+            "format": "factored (bergson sharded safetensors)"
+            if cfg.hessian.factored
+            else "dense processor",
             "method": cfg.hessian.method,
             "ev_correction": cfg.hessian.ev_correction,
             "hessian_dtype": cfg.hessian.hessian_dtype,

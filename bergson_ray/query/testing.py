@@ -83,6 +83,7 @@ def random_store(
     Gaussians (ray-on-2-cores.md §7).
     """
     from ..store.gradient_store import GradientStoreWriter
+    from ..store.processor import ProcessorConfig, save_processor
 
     path = Path(path)
     if (path / "info.json").exists():
@@ -101,6 +102,8 @@ def random_store(
             lab = rng.integers(0, clusters, size=hi - lo)
             rows = centres[lab] + 0.5 * rng.standard_normal((hi - lo, dim), dtype=np.float32)
             w.write_rows(np.arange(lo, hi), rows)
+    # processor files (no projection) so bergson's Attributor opens the store too
+    save_processor(part, ProcessorConfig())
     part.rename(path)
     return path
 
