@@ -28,7 +28,9 @@ class ScoreWorker(GradientWorker):
 
         super().__init__(spec, torch_threads, chaos)
         ref = query["ref"]  # wrapped in a dict so Ray hands us the ref, not a copy per call
-        self.query = torch.as_tensor(ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
+        value = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        # object-store arrays are read-only views; torch wants memory it may own
+        self.query = torch.from_numpy(np.array(value, dtype=np.float32))
         self.mode = mode
         self.query_batch_size = query_batch_size
 
