@@ -118,7 +118,17 @@ class RayConfig:
     window_size: int = 64
     """Documents per Ray Data batch handed to a worker (packed further by token budget)."""
     fsdp: bool = False
-    """Shard the model over a group of actors (torch.distributed FSDP2)."""
+    """Shard the model over a group of actors (torch.distributed FSDP2): one actor per GPU,
+    ``num_gpus_per_worker`` of them per worker (NCCL); on CPU clusters 2 gloo actors."""
+    fsdp_shards: int = 0
+    """Actors per sharded worker with ``fsdp``; 0 = ``num_gpus_per_worker`` (GPU) or 2 (CPU)."""
+    worker_device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: GPU workers if the cluster has GPUs now or its autoscaler can add GPU nodes."""
+    worker_resources: str = ""
+    """Custom Ray resources each worker requires, ``name=amount,...`` (pins workers to the
+    node types that advertise them, e.g. ``ray start --resources='{"grad": 1}'``)."""
+    worker_labels: str = ""
+    """Node labels workers must run on, ``key=value,...`` (Ray label selector)."""
     namespace: str = "bergson_ray"
 
 

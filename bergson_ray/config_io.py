@@ -6,7 +6,8 @@ normalizers) that produced a store's rows.
 A build step's body holds our own config (``dataclasses.asdict(BuildConfig)``) and,
 beside it, bergson-shaped ``index_cfg`` and ``preprocess_cfg`` sections
 (:func:`build_step_body`): bergson's ``score`` reads the query store's
-``preprocess_cfg`` and its ``query`` reads ``index_cfg``. Our reader ignores them.
+``preprocess_cfg`` and its ``query`` reads ``index_cfg``. Our reader ignores them in our
+files, and rebuilds a ``BuildConfig`` from them in bergson's (which hold nothing else).
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ def load_step_config(run_path: str | Path, cls: type[T], command: str | None = N
         for name, body in step.items():
             if command is None or name == command:
                 fields = getattr(cls, "__dataclass_fields__", {})
-                body = {k: v for k, v in (body or {}).items() if k in fields}
+                body = body or {}
+                if not set(body) & set(fields) and _BUILD_SECTIONS <= set(fields):
+                    translated = _from_bergson_step(body, Path(run_path))
+                    if translated is not None:  # a step bergson wrote
+                        return from_dict(cls, translated)
+                body = {k: v for k, v in body.items() if k in fields}
                 grad = body.get("grad")
                 if isinstance(grad, dict) and "projection_version" not in grad:
                     # written before we recorded it: every such store has version-1 matrices
@@ -118,6 +124,58 @@ def bergson_preprocess_cfg(pre: Any) -> dict[str, Any]:
         "aggregation": pre.aggregation,
         "normalize_aggregated_grad": pre.normalize_aggregated_grad,
     }
+
+
+_BUILD_SECTIONS = {"run", "model", "data", "grad", "batch", "preprocess"}
+_PREPROCESS_KEYS = (
+    "unit_normalize",
+    "hessian_path",
+    "ev_correction",
+    "aggregation",
+    "normalize_aggregated_grad",
+)
+
+
+def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def _from_bergson_step(body: dict[str, Any], run_path: Path) -> dict[str, Any] | None:
+    """Our ``BuildConfig`` sections from a step bergson wrote (``index_cfg`` and
+    ``preprocess_cfg``), the inverse of :func:`build_step_body`; None if it is not one.
+
+    bergson's ``config.yaml`` does not say which projection generator made the rows;
+    its ``processor_config.yaml`` does (no key = version 1).
+    """
+    from .config import AttentionConfig, DataConfig, GradientConfig, ModelConfig
+    from .store.processor import ProcessorConfig
+
+    idx = body.get("index_cfg")
+    if not isinstance(idx, dict):
+        return None
+    pre = body.get("preprocess_cfg") or {}
+    inv = pre.get("inversion_cfg") or {}
+    grad = _known(GradientConfig, {k: v for k, v in idx.items() if k != "attention"})
+    if isinstance(idx.get("attention"), dict):
+        grad["attention"] = _known(AttentionConfig, idx["attention"])
+    proc = ProcessorConfig.load(run_path)
+    if proc is not None:
+        grad["projection_version"] = proc.projection_version
+    out: dict[str, Any] = {
+        "run": {"run_path": str(idx.get("run_path", run_path))},
+        "model": _known(ModelConfig, idx),
+        "data": _known(DataConfig, idx.get("data") or {}),
+        "grad": grad,
+        "batch": {k: idx[k] for k in ("token_batch_size", "max_batch_size") if k in idx},
+        "preprocess": {
+            **{k: pre[k] for k in _PREPROCESS_KEYS if k in pre},
+            **{k: inv[k] for k in ("inversion", "damping_factor") if k in inv},
+        },
+    }
+    if "drop_columns" in idx:
+        out["drop_columns"] = bool(idx["drop_columns"])
+    return out
 
 
 def build_step_body(cfg: Any) -> dict[str, Any]:

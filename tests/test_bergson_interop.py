@@ -516,3 +516,19 @@ def test_bergson_scores_against_a_query_store_we_built(bergson_runs, tmp_path):
     np.testing.assert_allclose(
         again.scores, ScoreStore.open(bergson_runs["score_p16"]).scores, rtol=1e-5, atol=1e-4
     )
+
+
+def test_we_read_bergson_config_yaml(bergson_runs):
+    """bergson's build steps hold only ``index_cfg``/``preprocess_cfg``: we rebuild our
+    BuildConfig from them, taking the projection version from processor_config.yaml."""
+    cfg = load_step_config(bergson_runs["build_p16"], BuildConfig)
+    assert cfg.model.model == str(MODEL) and cfg.data.dataset == str(DATA / "pydoc")
+    assert (cfg.data.split, cfg.data.truncation) == ("train[:40]", True)
+    assert (cfg.grad.projection_dim, cfg.grad.projection_version) == (16, 2)
+    assert cfg.grad.projection_seed is None and cfg.drop_columns is True
+    reduced = load_step_config(bergson_runs["reduce_mean"], BuildConfig)
+    assert reduced.preprocess.aggregation == "mean"
+    assert (reduced.preprocess.inversion, reduced.preprocess.damping_factor) == (
+        "damped_inverse",
+        0.1,
+    )

@@ -124,11 +124,12 @@ def make_lockstep(runner, comm_device: str | torch.device = "cpu"):
     tokenize, batches = runner.tokenize, runner.batches
 
     def lockstep_tokenize(idx):
-        err: BergsonRayError | None = None
+        # Any failure here must reach the other ranks too, or they wait forever below.
+        err: Exception | None = None
         docs: list = []
         try:
-            docs = tokenize(idx)
-        except BergsonRayError as e:
+            docs = tokenize(idx) if len(idx) else []  # a share can be empty
+        except Exception as e:  # noqa: BLE001
             err = e
         if _agree_max(err is not None, device):
             raise err or PeerFailedError("another rank of the sharded group failed")

@@ -28,6 +28,7 @@ from ..config import BuildConfig
 from ..errors import BadInputError
 from ..gradients.runner import RunnerSpec
 from .common import Layout, configure_data_context, plan_layout, run_workers, stream, worker_pool
+from .storage import remote_output
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -181,6 +182,7 @@ def write_data_hf(part: Path, ds, progress: Progress, drop_columns: bool) -> Non
     out.save_to_disk(str(part / "data.hf"))
 
 
+@remote_output(BuildConfig)  # s3:// / gs:// run paths: stage locally, upload when done
 def build(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None, **overrides) -> Path:
     """Build a per-example gradient store; returns the finished run directory.
 
@@ -191,7 +193,9 @@ def build(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None, 
     from ..store.gradient_store import GradientStoreWriter
     from ..store.processor import ProcessorConfig, save_processor, write_total_processed
     from ..store.run_dir import RunDir
+    from ..utils.metrics import StageMonitor, dir_bytes
     from ..utils.ray_env import init_ray
+    from .storage import cluster_probe
 
     cfg = as_config(BuildConfig, cfg, **overrides)
     validate(cfg)
@@ -225,19 +229,21 @@ def build(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None, 
     progress = Progress(part, n)
     log.info("build: %d documents (%d to do), %d columns per row", n, len(todo), layout.dim)
 
+    monitor = StageMonitor("build", len(todo), n, run=run.final.name)
     if len(todo):
         init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
         configure_data_context()
+        probe = cluster_probe(part, cfg.data, cfg.model)  # fail fast: every node sees the run
         pool = worker_pool(cfg.ray)
         spec = runner_spec(cfg, pool.device, advantages)
-        out_ds = run_workers(todo, GradientWorker, cfg.ray, pool, spec=spec, chaos=_chaos)
-        for k, out in enumerate(stream(out_ds, len(todo), "build")):
+        out_ds = run_workers(todo, GradientWorker, cfg.ray, pool, spec=spec, chaos=_chaos, probe=probe)
+        for k, out in enumerate(stream(out_ds, len(todo), "build", monitor=monitor)):
+            progress.update(out)  # first: a row marked written must have its loss/length
             if cfg.grad.attribute_tokens:
                 rows = stack_ragged(out["grads"], layout.dim)
                 writer.write_items(out["idx"], as_rows(rows, layout.dtype), out["token_count"])
             else:
                 writer.write_rows(out["idx"], as_rows(out["grads"], layout.dtype))
-            progress.update(out)
             if k % 32 == 31:
                 writer.flush()
                 progress.flush()
@@ -263,6 +269,8 @@ def build(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None, 
             "seconds": round(seconds, 3),
             "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
             "bytes_written": int((part / "gradients.bin").stat().st_size),
+            "run_bytes": dir_bytes(part),
+            **monitor.summary(),
         }
     )
     writer.close()

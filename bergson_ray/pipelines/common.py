@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,13 +79,27 @@ def worker_pool(ray_cfg: RayConfig) -> PoolPlan:
     and set their torch thread count explicitly because Ray pins actors with
     ``num_cpus <= 1`` to one OpenMP thread.
     """
-    from ..utils.ray_env import cluster_cpus, cluster_gpus
+    from ..utils.ray_env import cluster_cpus
+    from .placement import gpu_capacity
 
-    gpus = cluster_gpus()
-    if gpus > 0:
+    gpus, possible = gpu_capacity()
+    want = getattr(ray_cfg, "worker_device", "auto")
+    if want == "cuda" or (want == "auto" and possible > 0):
         per = max(ray_cfg.num_gpus_per_worker, 1e-3)
+        if gpus == 0 and not ray_cfg.num_workers:
+            log.warning(
+                "the cluster has no GPU right now (%s): starting 1 GPU worker, which waits for "
+                "a GPU node; pass --num_workers N to request N",
+                f"its autoscaler can add {possible}" if possible else "--worker_device cuda",
+            )
         size = ray_cfg.num_workers or max(1, int(gpus // per))
         return PoolPlan(size, 1.0, per, ray_cfg.torch_threads, "cuda")
+    if not ray_cfg.num_workers and (ray_cfg.address or os.environ.get("RAY_ADDRESS")):
+        log.warning(
+            "--num_workers 0 on a cluster without GPUs: starting 1 CPU worker. On an "
+            "autoscaling cluster whose GPU nodes are scaled to zero, pass --num_workers N "
+            "(and --worker_device cuda if Ray cannot see the autoscaler's GPU node types)"
+        )
     size = ray_cfg.num_workers or 1
     cpus = cluster_cpus()
     threads = ray_cfg.torch_threads or max(1, int(cpus // size))
@@ -102,22 +117,25 @@ def index_dataset(indices: np.ndarray, window: int):
     )
 
 
-def run_workers(indices: np.ndarray, worker_cls: type, ray_cfg: RayConfig, pool: PoolPlan, **kwargs):
+def run_workers(
+    indices: np.ndarray, worker_cls: type, ray_cfg: RayConfig, pool: PoolPlan, *, probe=None, **kwargs
+):
     """``index_dataset(indices)`` mapped through an actor pool of ``worker_cls``.
 
     ``kwargs`` go to the worker's constructor (alongside ``torch_threads``); the
-    returned dataset is lazy: iterate it with :func:`stream`.
+    returned dataset is lazy: iterate it with :func:`stream`. Placement (spread over
+    nodes, ``--worker_resources``/``--worker_labels``), ``--fsdp`` groups and the
+    per-node storage check (``probe``) are in :func:`.placement.map_workers`.
     """
-    import ray
+    from .placement import map_workers
 
-    return index_dataset(indices, ray_cfg.window_size).map_batches(
+    return map_workers(
+        index_dataset(indices, ray_cfg.window_size),
         worker_cls,
-        fn_constructor_kwargs={**kwargs, "torch_threads": pool.torch_threads},
-        batch_size=ray_cfg.window_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool.size),
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus,
+        {**kwargs, "torch_threads": pool.torch_threads},
+        ray_cfg,
+        pool,
+        probe=probe,
     )
 
 
@@ -134,8 +152,14 @@ def configure_data_context() -> None:
     ctx.print_on_execution_start = False
 
 
-def stream(ds, total: int, desc: str, unit: str = "doc") -> Iterator[dict[str, np.ndarray]]:
-    """Iterate output batches with a progress bar; re-raise the user's error cleanly."""
+def stream(
+    ds, total: int, desc: str, unit: str = "doc", monitor=None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Iterate output batches with a progress bar; re-raise the user's error cleanly.
+
+    ``monitor`` (a :class:`~bergson_ray.utils.metrics.StageMonitor`) sees every batch:
+    rows/tokens per second on the bar and in Ray's metrics, duplicate-row accounting.
+    """
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
@@ -145,6 +169,9 @@ def stream(ds, total: int, desc: str, unit: str = "doc") -> Iterator[dict[str, n
             if "error" in batch:
                 raise decode_error(batch["error"][0])
             yield batch
+            if monitor is not None:
+                monitor.update(batch)
+                bar.set_postfix(monitor.postfix(), refresh=False)
             bar.update(len(batch["idx"]))
     except Exception as exc:
         err = unwrap(exc)

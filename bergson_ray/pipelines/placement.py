@@ -1,10 +1,11 @@
 """Where gradient workers run on a multi-node cluster, and what they report back.
 
 * :func:`map_workers` is the one place a pipeline turns its index dataset into a pool
-  of workers: Ray Data's ``SPREAD`` scheduling puts the actors on as many nodes as
-  possible, ``--worker_resources`` / ``--worker_labels`` pin them to node types (custom
-  resources or node labels), and ``--fsdp`` swaps each worker for a sharded group
-  (``actors/fsdp_worker.py``).
+  of workers: Ray Data creates pool actors with the ``SPREAD`` strategy (its default,
+  ``DataContext.scheduling_strategy``), so they land on as many nodes as possible;
+  ``--worker_resources`` / ``--worker_labels`` pin them to node types (custom
+  resources or node labels); ``--fsdp`` swaps each worker for a sharded group
+  (``actors/fsdp_worker.py``) whose ranks a placement group keeps together.
 * :func:`instrumented` wraps the worker class so each worker re-checks, on its own
   node, that it sees the run directory (autoscaled nodes join after the driver's
   up-front check), turns start-up errors into the ``error`` column the driver
@@ -73,13 +74,6 @@ def gpu_capacity() -> tuple[int, int]:
     return now, max(now, possible)
 
 
-def configure_spread() -> None:
-    """Ray Data places pool actors with the context's strategy: make it SPREAD explicitly."""
-    import ray.data
-
-    ray.data.DataContext.get_current().scheduling_strategy = "SPREAD"
-
-
 def map_workers(ds, worker_cls: type, ctor_kwargs: dict, ray_cfg, pool, *, probe=None):
     """``ds.map_batches`` with a pool of ``worker_cls`` placed for this cluster.
 
@@ -88,7 +82,6 @@ def map_workers(ds, worker_cls: type, ctor_kwargs: dict, ray_cfg, pool, *, probe
     """
     import ray
 
-    configure_spread()
     resources = worker_resources(ray_cfg)
     labels = worker_labels(ray_cfg)
     kwargs = dict(ctor_kwargs)
@@ -138,8 +131,10 @@ def instrumented(cls: type) -> type:
     def __init__(self, *args, _probe=None, **kwargs):
         import ray
 
-        self._node = ray.get_runtime_context().get_node_id()
+        self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         self._init_error = None
+        self._trace = dict(kwargs.get("chaos") or {})
+        self._batches = 0
         try:
             from .storage import verify_probe
 
@@ -157,6 +152,8 @@ def instrumented(cls: type) -> type:
             return {"idx": idx, "error": np.array([self._init_error] * len(idx))}
         out = cls.__call__(self, batch)
         out["node"] = np.full(len(out["idx"]), self._node)
+        self._batches += 1
+        _trace(self._trace, self._node, self._batches)
         return out
 
     wrapped = type(cls.__name__, (cls,), {"__init__": __init__, "__call__": __call__})
@@ -164,3 +161,25 @@ def instrumented(cls: type) -> type:
     wrapped.__doc__ = cls.__doc__
     _WRAPPED[cls] = wrapped
     return wrapped
+
+
+def driver_node_strategy():
+    """Keep a stateful helper (e.g. the reducer) on the driver's node, which outlives
+    worker nodes: losing it would lose its in-memory state."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
+def _trace(chaos: dict, node: str, batches: int) -> None:
+    """Test hooks in ``_chaos``: ``delay_s`` slows every batch down (so a test can act
+    mid-run); ``trace_dir`` gets one file per finished batch, named after the node."""
+    import os
+    import time
+
+    if chaos.get("delay_s"):
+        time.sleep(float(chaos["delay_s"]))
+    if chaos.get("trace_dir"):
+        path = os.path.join(chaos["trace_dir"], f"{node}.{os.getpid()}.{batches}")
+        open(path, "w").close()

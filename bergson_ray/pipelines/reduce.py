@@ -20,10 +20,12 @@ from ..config import BuildConfig
 from ..errors import BadInputError
 from .build import Progress, as_config, open_dataset, runner_spec, validate
 from .common import configure_data_context, plan_layout, run_workers, stream, worker_pool
+from .storage import remote_output
 
 log = logging.getLogger(__name__)
 
 
+@remote_output(BuildConfig)  # s3:// / gs:// run paths: stage locally, upload when done
 def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None, **overrides) -> Path:
     """Aggregate a dataset's (preprocessed) gradients into one row; returns the run dir."""
     import datasets
@@ -35,7 +37,10 @@ def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None,
     from ..store.gradient_store import GradientStoreWriter
     from ..store.processor import ProcessorConfig, save_processor, write_total_processed
     from ..store.run_dir import RunDir
+    from ..utils.metrics import StageMonitor
     from ..utils.ray_env import init_ray
+    from .placement import driver_node_strategy
+    from .storage import cluster_probe
 
     cfg = as_config(BuildConfig, cfg, **overrides)
     if cfg.preprocess.aggregation == "none":
@@ -55,12 +60,14 @@ def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None,
 
     init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
     configure_data_context()
+    probe = cluster_probe(part, cfg.data, cfg.model)  # fail fast: every node sees the run
     pool = worker_pool(cfg.ray)
-    reducer = Reducer.remote(n, layout.dim)
+    reducer = Reducer.options(scheduling_strategy=driver_node_strategy()).remote(n, layout.dim)
     spec = runner_spec(cfg, pool.device, advantages)
     out_ds = run_workers(np.arange(n), ReduceWorker, cfg.ray, pool, spec=spec, reducer=reducer,
-                         chaos=_chaos)
-    for out in stream(out_ds, n, "reduce"):
+                         chaos=_chaos, probe=probe)
+    monitor = StageMonitor("reduce", n, n, run=run.final.name)
+    for out in stream(out_ds, n, "reduce", monitor=monitor):
         progress.update(out)
     total, counted, dups = ray.get(reducer.result.remote())
     ray.kill(reducer)
@@ -93,6 +100,7 @@ def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None,
             "tokens": int(lengths.sum()),
             "seconds": round(time.perf_counter() - t0, 3),
             "mean_loss": float(np.asarray(progress.loss).mean()),
+            **monitor.summary(),
         }
     )
     shutil.rmtree(part / "progress", ignore_errors=True)

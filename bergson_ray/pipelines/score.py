@@ -23,6 +23,7 @@ from ..config import BuildConfig, PreprocessConfig, ScoreRunConfig
 from ..errors import BadInputError, StoreError
 from .build import Progress, as_config, open_dataset, runner_spec, token_offsets, write_data_hf
 from .common import configure_data_context, plan_layout, run_workers, stream, worker_pool
+from .storage import localize_store, remote_output
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def load_query_matrix(cfg: ScoreRunConfig, target_sizes: dict[str, int]) -> torc
 
     if not cfg.score.query_path:
         raise BadInputError("--query_path is required (a store written by build or reduce)")
-    qpath = Path(cfg.score.query_path)
+    qpath = Path(localize_store(cfg.score.query_path))  # s3:// / gs:// stores: local copy
     if not qpath.exists():
         raise BadInputError(f"--query_path {qpath} does not exist")
     store = GradientStore.open(qpath)
@@ -160,6 +161,7 @@ def write_topk(part: Path, store_scores, texts, k: int, bottom_k: int) -> Path:
     return path
 
 
+@remote_output(ScoreRunConfig)  # s3:// / gs:// run paths: stage locally, upload when done
 def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = None, **overrides) -> Path:
     """Score a dataset against ``query_path``; returns the finished run directory."""
     import ray
@@ -168,7 +170,9 @@ def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = Non
     from ..store.processor import ProcessorConfig, save_processor, write_total_processed
     from ..store.run_dir import RunDir
     from ..store.score_store import ScoreWriter
+    from ..utils.metrics import StageMonitor, dir_bytes
     from ..utils.ray_env import init_ray
+    from .storage import cluster_probe
 
     cfg = as_config(ScoreRunConfig, cfg, **overrides)
     if cfg.score.score not in ("individual", "nearest", "mean", "max"):
@@ -201,9 +205,11 @@ def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = Non
     progress = Progress(part, n)
     log.info("score: %d documents (%d to do) against %d queries -> %d columns", n, len(todo), len(query), cols)
 
+    monitor = StageMonitor("score", len(todo), n, run=run.final.name)
     if len(todo):
         init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
         configure_data_context()
+        probe = cluster_probe(part, cfg.data, cfg.model)  # fail fast: every node sees the run
         pool = worker_pool(cfg.ray)
         index_cfg = dataclasses.replace(cfg, preprocess=index_side_preprocess(cfg.preprocess))
         spec = runner_spec(index_cfg, pool.device, advantages)
@@ -211,14 +217,15 @@ def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = Non
         out_ds = run_workers(
             todo, ScoreWorker, cfg.ray, pool, spec=spec, query={"ref": qref},
             mode=cfg.score.score, query_batch_size=cfg.score.query_batch_size, chaos=_chaos,
+            probe=probe,
         )
-        for k, out in enumerate(stream(out_ds, len(todo), "score")):
+        for k, out in enumerate(stream(out_ds, len(todo), "score", monitor=monitor)):
+            progress.update(out)  # first: a row marked written must have its loss/length
             if per_token:
                 parts = [np.asarray(x, np.float32).reshape(-1, cols) for x in out["scores"]]
                 writer.write_items(out["idx"], np.concatenate(parts) if parts else np.zeros((0, cols)))
             else:
                 writer.write(out["idx"], out["scores"])
-            progress.update(out)
             if k % 32 == 31:
                 writer.flush()
                 progress.flush()
@@ -247,6 +254,8 @@ def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = Non
             "tokens": int(lengths.sum()),
             "seconds": round(seconds, 3),
             "documents_per_second": round(n / max(seconds, 1e-9), 2),
+            "bytes_written": dir_bytes(part),
+            **monitor.summary(),
         }
     )
     writer.close()

@@ -88,6 +88,8 @@ def check_remote_target(uri: str, *, overwrite: bool, resume: bool) -> None:
         raise RunExistsError(f"{uri} already exists; pass --overwrite to replace it")
     probe = f"{path}.probe-{secrets.token_hex(4)}"
     try:
+        if "/" in path:
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)  # no-op on object stores
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)
@@ -106,15 +108,22 @@ def upload_run(local: Path, uri: str, *, overwrite: bool) -> None:
         log.info("replacing %s", uri)
         fs.delete_dir(path)
     local_fs = pafs.LocalFileSystem()
-    fs.create_dir(path, recursive=True)
-    summary = local / SUMMARY
-    entries = sorted(local.iterdir(), key=lambda e: e == summary)  # summary.json last
-    for entry in entries:
+    files = sorted(
+        (Path(root) / f).relative_to(local)
+        for root, _dirs, names in os.walk(local)
+        for f in names
+        if f != PROBE_FILE
+    )
+    files.sort(key=lambda rel: str(rel) == SUMMARY)  # summary.json last: marks completion
+    made: set[str] = set()
+    for rel in files:
+        dest = f"{path}/{rel.as_posix()}"
+        parent = dest.rsplit("/", 1)[0]
+        if parent not in made:
+            fs.create_dir(parent, recursive=True)
+            made.add(parent)
         pafs.copy_files(
-            str(entry),
-            f"{path}/{entry.name}",
-            source_filesystem=local_fs,
-            destination_filesystem=fs,
+            str(local / rel), dest, source_filesystem=local_fs, destination_filesystem=fs
         )
     log.info("uploaded %s -> %s", local, uri)
 
@@ -313,3 +322,10 @@ def check_cluster_visibility(probe: Probe, timeout_s: float = 300.0) -> int:
         raise BadInputError(" | ".join(bad))
     log.info("storage check: all %d nodes see %s", len(nodes), probe.run_dir)
     return len(nodes)
+
+
+def cluster_probe(run_dir, data_cfg=None, model_cfg=None) -> Probe:
+    """Driver side, once Ray is up: write the probe and check every node sees it."""
+    probe = make_probe(run_dir, data_cfg, model_cfg)
+    check_cluster_visibility(probe)
+    return probe

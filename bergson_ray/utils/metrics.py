@@ -88,6 +88,8 @@ class StageMonitor:
         self.per_node: Counter[str] = Counter()
         self.seen = np.zeros(int(num_items if num_items is not None else total), dtype=bool)
         self._window: list[tuple[float, int, int]] = [(self.t0, 0, 0)]
+        self._first: tuple[float, int, int] | None = None
+        """(time, rows, tokens) at the first batch: steady-state rates exclude start-up."""
         self._metrics = _ray_metrics(stage, run)
 
     # -- feeding ---------------------------------------------------------------------
@@ -108,6 +110,9 @@ class StageMonitor:
         self.rows += rows
         self.tokens += tokens
         now = time.perf_counter()
+        if self._first is None:
+            self._first = (now, self.rows, self.tokens)
+        self._last = now
         self._window.append((now, self.rows, self.tokens))
         while len(self._window) > 2 and now - self._window[0][0] > RATE_WINDOW_S:
             self._window.pop(0)
@@ -145,6 +150,12 @@ class StageMonitor:
             "stage_rows_per_second": round(self.rows / s, 2),
             "stage_tokens_per_second": round(self.tokens / s, 1),
         }
+        if self._first is not None:
+            t1, r1, k1 = self._first
+            out["startup_seconds"] = round(t1 - self.t0, 3)
+            if self._last > t1:  # after the first batch: workers up, models loaded
+                out["steady_tokens_per_second"] = round((self.tokens - k1) / (self._last - t1), 1)
+                out["steady_rows_per_second"] = round((self.rows - r1) / (self._last - t1), 2)
         if self.per_node:
             out["rows_per_node"] = dict(sorted(self.per_node.items()))
         return out
