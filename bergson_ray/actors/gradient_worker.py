@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -44,7 +45,11 @@ class GradientWorker:
         user would otherwise get a Ray traceback instead of one clear sentence.
         """
         try:
-            return fn(idx)
+            t0 = time.perf_counter()
+            out = fn(idx)
+            # busy time per row: the driver sums it into the run's compute throughput
+            out["compute_s"] = np.full(len(idx), (time.perf_counter() - t0) / max(len(idx), 1))
+            return out
         except BergsonRayError as err:
             return {"idx": np.asarray(idx), "error": np.array([encode_error(err)] * len(idx))}
 

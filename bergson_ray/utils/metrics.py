@@ -85,6 +85,8 @@ class StageMonitor:
         self.rows = 0
         self.tokens = 0
         self.duplicates = 0
+        self.compute_seconds = 0.0
+        """Seconds workers spent inside their batches (excludes start-up and queueing)."""
         self.per_node: Counter[str] = Counter()
         self.seen = np.zeros(int(num_items if num_items is not None else total), dtype=bool)
         self._window: list[tuple[float, int, int]] = [(self.t0, 0, 0)]
@@ -109,6 +111,8 @@ class StageMonitor:
                 self.per_node[node] += c
         self.rows += rows
         self.tokens += tokens
+        if "compute_s" in batch:
+            self.compute_seconds += float(np.asarray(batch["compute_s"]).sum())
         now = time.perf_counter()
         if self._first is None:
             self._first = (now, self.rows, self.tokens)
@@ -156,6 +160,9 @@ class StageMonitor:
             if self._last > t1:  # after the first batch: workers up, models loaded
                 out["steady_tokens_per_second"] = round((self.tokens - k1) / (self._last - t1), 1)
                 out["steady_rows_per_second"] = round((self.rows - r1) / (self._last - t1), 2)
+        if self.compute_seconds > 0:
+            out["worker_compute_seconds"] = round(self.compute_seconds, 3)
+            out["compute_tokens_per_second_per_worker"] = round(self.tokens / self.compute_seconds, 1)
         if self.per_node:
             out["rows_per_node"] = dict(sorted(self.per_node.items()))
         return out
