@@ -156,7 +156,8 @@ class Progress:
 def as_rows(arr: np.ndarray, dtype: torch.dtype) -> np.ndarray | torch.Tensor:
     """Worker rows -> what the store writer takes (bf16 arrives as uint16 bit patterns)."""
     if dtype == torch.bfloat16 and arr.dtype == np.uint16:
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+        # Ray Data hands out read-only views; torch needs memory it may own
+        return torch.from_numpy(np.array(arr, copy=True).view(np.int16)).view(torch.bfloat16)
     return arr
 
 
