@@ -66,9 +66,10 @@ def add_dataclass_args(
     parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()
 ) -> None:
     """Add one ``--flag`` per leaf field of ``cls`` (recursing into nested dataclasses)."""
-    taken: set[str] = set(skip)
+    taken: set[str] = set()
     for flag, path, tp, default in _flags_for(cls, "", taken):
-        if flag in skip or path in skip:
+        # a skipped field (e.g. the positional run_path) gets no flag under any spelling
+        if flag in skip or path in skip or path.rsplit(".", 1)[-1] in skip:
             continue
         base, _optional = _unwrap_optional(tp)
         dest = "cfg__" + path.replace(".", "__")
