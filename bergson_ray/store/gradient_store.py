@@ -175,6 +175,26 @@ def check_offsets(offsets: np.ndarray, num_items: int, *, where: str = "offsets"
         raise StoreError(f"{where}: offsets must start at 0 and never decrease")
 
 
+def check_indices(
+    values: np.ndarray | Sequence[int] | torch.Tensor, upper: int, what: str, where: Path | str
+) -> np.ndarray:
+    """``values`` as a 1-D int64 array of indices in ``[0, upper)``, or a clear error."""
+    if isinstance(values, torch.Tensor):
+        values = values.cpu().numpy()
+    idx = np.asarray(values)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise BadInputError(
+            f"{what} indices must be a 1-D integer array, got {idx.dtype}{list(idx.shape)}"
+        )
+    idx = idx.astype(np.int64, copy=False)
+    if idx.size and (idx.min() < 0 or idx.max() >= upper):
+        raise BadInputError(
+            f"{what} index out of range [0, {upper}): min {idx.min()}, max {idx.max()} "
+            f"(store {where})"
+        )
+    return idx
+
+
 def offsets_from_counts(counts: Sequence[int] | np.ndarray) -> np.ndarray:
     """``[0, c0, c0+c1, ...]`` as int64: the per-token offsets for row counts per item."""
     counts = np.asarray(counts, dtype=np.int64)
@@ -459,20 +479,7 @@ class GradientStoreWriter:
     # -- writing
 
     def _item_index(self, item_idx: np.ndarray | Sequence[int] | torch.Tensor) -> np.ndarray:
-        if isinstance(item_idx, torch.Tensor):
-            item_idx = item_idx.cpu().numpy()
-        idx = np.asarray(item_idx)
-        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise BadInputError(
-                f"item indices must be a 1-D integer array, got {idx.dtype}{list(idx.shape)}"
-            )
-        idx = idx.astype(np.int64, copy=False)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_items):
-            raise BadInputError(
-                f"item index out of range [0, {self.num_items}): min {idx.min()}, max {idx.max()} "
-                f"(store {self.path})"
-            )
-        return idx
+        return check_indices(item_idx, self.num_items, "item", self.path)
 
     def _rows_array(self, rows: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
         arr = to_storage(rows, self.element)

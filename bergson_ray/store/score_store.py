@@ -36,6 +36,7 @@ from bergson_ray.store.gradient_store import (
     _open_memmap,
     _presize,
     _write_json,
+    check_indices,
     check_offsets,
     element_type,
     to_float32,
@@ -231,17 +232,7 @@ class ScoreWriter(_ScoreFile):
         return self
 
     def _rows(self, rows_idx: np.ndarray | Sequence[int] | torch.Tensor) -> np.ndarray:
-        if isinstance(rows_idx, torch.Tensor):
-            rows_idx = rows_idx.cpu().numpy()
-        idx = np.asarray(rows_idx)
-        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise BadInputError(
-                f"row indices must be a 1-D integer array, got {idx.dtype}{list(idx.shape)}"
-            )
-        idx = idx.astype(np.int64, copy=False)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_rows):
-            raise BadInputError(f"row index out of range [0, {self.num_rows}) in {self.path}")
-        return idx
+        return check_indices(rows_idx, self.num_rows, "row", self.path)
 
     def write(
         self,
