@@ -33,9 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import bergson_cli, cpu_busy_percent, run_timed  # noqa: E402
 
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-       "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+from bergson_ray.utils.ray_env import LOOPBACK_ENV  # noqa: E402
+
+ENV = {**LOOPBACK_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
        "PYTHONWARNINGS": "ignore"}  # fmt: skip
 TOKEN_BATCH = 512
 """bergson refuses a token budget above the model's max length (512 for the tiny model)."""

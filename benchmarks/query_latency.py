@@ -39,13 +39,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import ANCHOR_VENV, cpu_busy_percent  # noqa: E402
 
+from bergson_ray.utils.ray_env import LOOPBACK_ENV  # noqa: E402
+
 ENV = {
+    **LOOPBACK_ENV,
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
     "OMP_NUM_THREADS": "1",
     "PYTHONWARNINGS": "ignore",
 }
@@ -103,7 +103,7 @@ def recall(a: np.ndarray, b: np.ndarray) -> float:
 def bench_in_process(
     store_path: Path, factory: str, nprobe: int, queries, args
 ) -> tuple[dict, np.ndarray]:
-    from bergson_ray.query.config import FaissConfig
+    from bergson_ray.config import FaissConfig
     from bergson_ray.query.gradient_index import GradientIndex
     from bergson_ray.query.rows import StoreRows
     from bergson_ray.store.gradient_store import GradientStore

@@ -30,16 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-for _k, _v in {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_k, _v)
+from bergson_ray.utils.ray_env import set_loopback_env
+
+set_loopback_env(  # before Ray is imported
+    RAY_DATA_DISABLE_PROGRESS_BARS="1",
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import cpu_busy_percent  # noqa: E402

@@ -29,20 +29,14 @@ Run it from the repository root (about a minute on a 2-core CPU):
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
+from bergson_ray.utils.ray_env import set_loopback_env
+
 # A local Ray: loopback only, no token auth, no usage stats. Set before Ray is imported.
-for _key, _val in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _val)
+set_loopback_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 import ray  # noqa: E402
 

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
+from bergson_ray.utils.ray_env import set_loopback_env
 
 # --- environment (must precede `import ray`) ----------------------------------------
-for _k, _v in {
-    "RAY_AUTH_MODE": "disabled",  # explicit: Ray's default depends on machine state
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to loopback only
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "180",
-    "RAY_DEDUP_LOGS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_k, _v)
+set_loopback_env(  # loopback only, no token auth (see utils/ray_env.py), and:
+    RAY_DATA_DISABLE_PROGRESS_BARS="1",
+    RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="180",
+    RAY_DEDUP_LOGS="1",
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+)
 
 import pytest  # noqa: E402
 import ray  # noqa: E402

@@ -39,8 +39,10 @@ from bergson_ray.config import (
     RunConfig,
     ScoreRunConfig,
 )
-from bergson_ray.config_io import build_step_body, load_step_config
-from bergson_ray.store.gradient_store import GradientStore, GradientStoreWriter, offsets_from_counts
+from bergson_ray.store.config_yaml import build_step_body, load_step_config
+from bergson_ray.store.files import offsets_from_counts
+from bergson_ray.store.gradient_store import GradientStore
+from bergson_ray.store.gradient_writer import GradientStoreWriter
 from bergson_ray.store.processor import (
     NormalizerState,
     ProcessorConfig,
@@ -50,7 +52,8 @@ from bergson_ray.store.processor import (
     write_total_processed,
 )
 from bergson_ray.store.run_dir import RunDir
-from bergson_ray.store.score_store import ScoreStore, ScoreWriter
+from bergson_ray.store.score_store import ScoreStore
+from bergson_ray.store.score_writer import ScoreWriter
 
 ROOT = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
 PY = ROOT / "anchor-venv" / "bin" / "python"
@@ -475,8 +478,8 @@ def test_bergson_scores_against_a_query_store_we_built(bergson_runs, tmp_path):
     and reproduces the scores it gets with its own query index."""
     import datasets
 
-    from bergson_ray.gradients.runner import GradientRunner, RunnerSpec
     from bergson_ray.pipelines.score import check_query_compatible
+    from bergson_ray.runners.gradient_runner import GradientRunner, RunnerSpec
 
     cfg = BuildConfig(
         run=RunConfig(run_path=str(tmp_path / "query_ours")),

@@ -9,35 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_BUILD, TINY_SPLIT, assert_same, rows_of, summary_of, tiny_runner_spec
 
-from bergson_ray.config import BatchConfig, DataConfig, GradientConfig, ModelConfig
 from bergson_ray.errors import BadInputError, RunExistsError
-from bergson_ray.gradients.runner import GradientRunner, RunnerSpec
 from bergson_ray.pipelines.build import build
+from bergson_ray.runners.gradient_runner import GradientRunner
 from bergson_ray.store.gradient_store import GradientStore
+from bergson_ray.testing.faults import FaultPlan
 
 pytestmark = pytest.mark.ray
-
-SPLIT = "train[:40]"
-
-
-def assert_same(a: np.ndarray, b: np.ndarray, tol: float = 1e-6) -> None:
-    """Equal up to ``tol`` of the largest entry: only fp32 summation order may differ."""
-    assert a.shape == b.shape
-    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-    bad = (
-        np.flatnonzero(np.abs(a - b).reshape(len(a), -1).max(1) > tol * np.abs(b).max())
-        if a.ndim > 1
-        else []
-    )
-    assert err <= tol, (
-        f"max deviation {err:.2e} of the largest entry (tol {tol:.0e}); rows {list(bad)[:10]}"
-    )
-
-
-def rows_of(path) -> np.ndarray:
-    store = GradientStore.open(path)
-    return store.rows(np.arange(store.num_grads)).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +26,7 @@ def reference(tmp_path_factory, ray_session, tiny_assets):
     out = tmp_path_factory.mktemp("ref") / "idx"
     return build(
         run_path=out,
-        dataset="tiny",
-        split=SPLIT,
-        projection_dim=8,
-        truncation=True,
+        **TINY_BUILD,
         token_batch_size=4096,
         num_workers=1,
     )
@@ -68,13 +45,7 @@ def test_store_layout_and_metadata(reference):
 
 
 def test_store_equals_in_process_engine(reference):
-    spec = RunnerSpec(
-        model=ModelConfig(),
-        grad=GradientConfig(projection_dim=8),
-        data=DataConfig(split=SPLIT, truncation=True),
-        batch=BatchConfig(token_batch_size=4096),
-    )
-    out = GradientRunner(spec).gradients(np.array([0, 7, 39]))
+    out = GradientRunner(tiny_runner_spec()).gradients(np.array([0, 7, 39]))
     want = out["grads"]
     got = rows_of(reference)[[0, 7, 39]]
     assert_same(got, want)
@@ -83,10 +54,7 @@ def test_store_equals_in_process_engine(reference):
 def test_two_workers_and_small_token_budget_give_the_same_store(reference, tmp_path):
     other = build(
         run_path=tmp_path / "idx",
-        dataset="tiny",
-        split=SPLIT,
-        projection_dim=8,
-        truncation=True,
+        **TINY_BUILD,
         token_batch_size=256,
         num_workers=2,
         window_size=8,
@@ -98,14 +66,11 @@ def test_killed_worker_loses_and_duplicates_nothing(reference, tmp_path):
     marker = tmp_path / "crashed"
     out = build(
         run_path=tmp_path / "idx",
-        dataset="tiny",
-        split=SPLIT,
-        projection_dim=8,
-        truncation=True,
+        **TINY_BUILD,
         token_batch_size=4096,
         num_workers=1,
         window_size=8,
-        _chaos={"crash_after_batches": 2, "marker": str(marker)},
+        faults=FaultPlan(crash_worker_after_batches=2, crash_marker=str(marker)),
     )
     assert marker.exists(), "the worker never crashed: the test proved nothing"
     assert_same(rows_of(out), rows_of(reference))
@@ -130,17 +95,13 @@ def test_resume_recomputes_only_missing_rows(reference, tmp_path):
     (part / "progress").mkdir(exist_ok=True)
     out = build(
         run_path=tmp_path / "idx",
-        dataset="tiny",
-        split=SPLIT,
-        projection_dim=8,
-        truncation=True,
+        **TINY_BUILD,
         token_batch_size=4096,
         num_workers=1,
         resume=True,
     )
     assert_same(rows_of(out), rows_of(reference))
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["computed_documents"] == 10
+    assert summary_of(out)["computed_documents"] == 10
 
 
 def test_per_token_store_sums_to_sequence_rows(reference, tmp_path):
@@ -209,7 +170,7 @@ def test_missing_model_path(tmp_path, tiny_assets):
 
 def test_existing_run_needs_overwrite(reference):
     with pytest.raises(RunExistsError):
-        build(run_path=reference, dataset="tiny", split=SPLIT, projection_dim=8)
+        build(run_path=reference, dataset="tiny", split=TINY_SPLIT, projection_dim=8)
     assert (reference / "info.json").exists()  # untouched
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 from bergson_ray.cli.main import COMMANDS, make_parser
 
@@ -55,8 +56,7 @@ def test_user_errors_print_one_line_not_a_traceback(tmp_path):
 @pytest.mark.ray
 def test_quickstart_end_to_end(tmp_path, tiny_assets):
     """The README's first command: builds an index on a local Ray and prints the top 5."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = subprocess_env()
     out = subprocess.run(
         [sys.executable, "-m", "bergson_ray", "quickstart", "--run_path", str(tmp_path / "qs")],
         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,

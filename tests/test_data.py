@@ -13,20 +13,17 @@ import torch
 
 from bergson_ray.config import DataConfig
 from bergson_ray.data.batching import collate, pack_by_token_budget
-from bergson_ray.data.loading import (
-    RowSource,
-    check_columns,
-    load_dataset_rows,
-    parse_kwargs,
-)
+from bergson_ray.data.loading import DatasetRows, check_columns, load_dataset_rows
 from bergson_ray.data.tokenize import (
     IGNORE_INDEX,
     TokenizedDoc,
     estimate_advantages,
     tokenize_rows,
 )
-from bergson_ray.defaults.tiny import CHAT_TEMPLATE, load_tiny_tokenizer
+from bergson_ray.defaults.tiny import load_tiny_tokenizer
+from bergson_ray.defaults.tiny_build import CHAT_TEMPLATE
 from bergson_ray.errors import BadInputError
+from bergson_ray.utils.kv import parse_kv
 
 # ----------------------------------------------------------------------------- packing
 
@@ -242,8 +239,8 @@ def test_nan_rewards_raise_or_are_skipped():
 # ----------------------------------------------------------------------------- loading
 
 
-def test_parse_kwargs():
-    assert parse_kwargs("a=1,b=2.5,c=true,d=x|y,e=hello, f = None") == {
+def test_parse_kv():
+    assert parse_kv("a=1,b=2.5,c=true,d=x|y,e=hello, f = None", "--data_kwargs") == {
         "a": 1,
         "b": 2.5,
         "c": True,
@@ -251,9 +248,9 @@ def test_parse_kwargs():
         "e": "hello",
         "f": None,
     }
-    assert parse_kwargs("") == {}
-    with pytest.raises(BadInputError):
-        parse_kwargs("novalue")
+    assert parse_kv("", "--data_kwargs") == {}
+    with pytest.raises(BadInputError, match="--data_kwargs"):
+        parse_kv("novalue", "--data_kwargs")
 
 
 def test_missing_column_error_names_column_and_available():
@@ -358,8 +355,8 @@ def test_row_source_pickles_without_data_and_reads_rows(tmp_path):
         completion_column="completion",
         reward_column="reward",
     )
-    assert "advantage" not in RowSource(cfg).rows(np.array([0]))  # opt-in only
-    src = RowSource(cfg, with_advantages=True)
+    assert "advantage" not in DatasetRows(cfg).rows(np.array([0]))  # opt-in only
+    src = DatasetRows(cfg, with_advantages=True)
     assert len(src) == 5
     clone = pickle.loads(pickle.dumps(src))
     assert clone._ds is None  # only the config travels
@@ -372,4 +369,4 @@ def test_row_source_pickles_without_data_and_reads_rows(tmp_path):
 def test_row_source_reports_missing_columns(tmp_path):
     datasets.Dataset.from_dict({"body": ["a"]}).save_to_disk(str(tmp_path / "d"))
     with pytest.raises(BadInputError, match="'text'.*'body'"):
-        len(RowSource(DataConfig(dataset=str(tmp_path / "d"))))
+        len(DatasetRows(DataConfig(dataset=str(tmp_path / "d"))))

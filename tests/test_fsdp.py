@@ -11,31 +11,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same, tiny_runner_spec
 
-from bergson_ray.actors.fsdp_worker import GroupPlan, ShardedRunner, merge
-from bergson_ray.config import BatchConfig, DataConfig, GradientConfig, ModelConfig
-from bergson_ray.gradients.runner import GradientRunner, RunnerSpec
 from bergson_ray.pipelines.build import build
+from bergson_ray.runners.gradient_runner import GradientRunner
+from bergson_ray.runners.sharded import GroupPlan, ShardedRunner, merge
 from bergson_ray.store.gradient_store import GradientStore
 
 pytestmark = pytest.mark.ray
 
 SPLIT = "train[:24]"
-
-
-def spec(token_batch_size: int = 4096) -> RunnerSpec:
-    return RunnerSpec(
-        model=ModelConfig(),
-        grad=GradientConfig(projection_dim=8),
-        data=DataConfig(split=SPLIT, truncation=True),
-        batch=BatchConfig(token_batch_size=token_batch_size),
-    )
-
-
-def assert_same(a: np.ndarray, b: np.ndarray, tol: float = 1e-6) -> None:
-    assert a.shape == b.shape
-    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-    assert err <= tol, f"max deviation {err:.2e} of the largest entry"
 
 
 def by_idx(out: dict, key: str) -> np.ndarray:
@@ -44,7 +29,7 @@ def by_idx(out: dict, key: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def unsharded(tiny_assets):
-    runner = GradientRunner(spec())
+    runner = GradientRunner(tiny_runner_spec(SPLIT))
     idx = np.arange(24)
     query = torch.from_numpy(runner.gradients(idx[:3])["grads"].copy())
     return {
@@ -67,7 +52,7 @@ def test_two_gloo_ranks_equal_the_unsharded_model(ray_session, unsharded):
     """Rows, partial sums and scores; then a rank dies and the group is rebuilt."""
     plan = GroupPlan(world=2, device="cpu", num_cpus=0.5, num_gpus=0.0, torch_threads=1)
     # small token budget: the ranks pack different numbers of micro-batches (lockstep padding)
-    runner = ShardedRunner(spec(token_batch_size=256), plan)
+    runner = ShardedRunner(tiny_runner_spec(SPLIT, token_batch_size=256), plan)
     try:
         idx = np.arange(24)
         out = runner.gradients(idx)

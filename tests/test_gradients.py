@@ -7,11 +7,10 @@ Ground truth: each document alone, weights unfrozen, ``loss.backward()``, read
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+from helpers import pad_batch, random_docs, tiny_gpt2, tiny_neox
 
 from bergson_ray.config import AttentionConfig, GradientConfig
 from bergson_ray.errors import BadInputError
@@ -21,54 +20,15 @@ from bergson_ray.gradients.modules import Conv1D, find_target_modules, weight_as
 from bergson_ray.gradients.normalizers import AdafactorNormalizer, AdamNormalizer
 from bergson_ray.gradients.projection import global_projection_matrix, projection_matrix
 
-VOCAB = 97
-
-
-def tiny_neox(bias: bool = True) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        attention_bias=bias,
-    )
-    return GPTNeoXForCausalLM(cfg).float()
-
-
-def tiny_gpt2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(cfg).float()
-
-
 MODELS = {"neox": tiny_neox, "gpt2": tiny_gpt2}
-
-
-def make_docs(lengths=(9, 5, 12, 2), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, VOCAB, (n,), generator=g) for n in lengths]
-
-
-def collate(docs, prompt_len=0):
-    s = max(len(d) for d in docs)
-    ids = torch.zeros(len(docs), s, dtype=torch.long)
-    labels = torch.full((len(docs), s), -100, dtype=torch.long)
-    for i, d in enumerate(docs):
-        ids[i, : len(d)] = d
-        labels[i, prompt_len : len(d)] = d[prompt_len:]
-    return SimpleNamespace(
-        input_ids=ids, labels=labels, lengths=torch.tensor([len(d) for d in docs])
-    )
+DOC_LENGTHS = (9, 5, 12, 2)
 
 
 def ground_truth(model, modules, doc, cfg: GradientConfig, prompt_len=0):
     """Full [O, I(+1)] gradient per module for one document alone."""
     model.zero_grad()
     model.requires_grad_(True)
-    batch = collate([doc], prompt_len)
+    batch = pad_batch([doc], prompt_len)
     logits = model(batch.input_ids).logits
     per_document_loss(logits, batch.labels, reduction=cfg.loss_reduction).sum().backward()
     out = {}
@@ -94,8 +54,8 @@ def test_unprojected_rows_equal_autograd(arch, bias, reduction):
     model = MODELS[arch]()
     cfg = GradientConfig(include_bias=bias, loss_reduction=reduction)
     engine = GradientEngine(model, cfg)
-    docs = make_docs()
-    res = engine.compute(collate(docs))
+    docs = random_docs(DOC_LENGTHS)
+    res = engine.compute(pad_batch(docs))
     modules = find_target_modules(model, cfg)
     for i, doc in enumerate(docs):
         truth = ground_truth(model, modules, doc, cfg)
@@ -115,8 +75,8 @@ def test_projected_rows_equal_LGRt(bias):
     p = 4
     cfg = GradientConfig(projection_dim=p, include_bias=bias)
     engine = GradientEngine(model, cfg)
-    docs = make_docs()
-    res = engine.compute(collate(docs))
+    docs = random_docs(DOC_LENGTHS)
+    res = engine.compute(pad_batch(docs))
     modules = find_target_modules(model, cfg)
     for i, doc in enumerate(docs):
         truth = ground_truth(model, modules, doc, cfg)
@@ -140,33 +100,13 @@ def test_rademacher_matrix_is_seeded_by_identifier_and_jl_scaled():
     assert (a > 0).any() and (a < 0).any()
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "normal"])
-def test_projection_inner_products_unbiased(kind):
-    """E[<L G1 Rᵀ, L G2 Rᵀ>] = <G1, G2> over independent projections (identifiers)."""
-    g = torch.Generator().manual_seed(0)
-    o, i, p = 12, 10, 4
-    G1 = torch.randn(o, i, generator=g)
-    G2 = G1 + 0.5 * torch.randn(o, i, generator=g)
-    truth = float((G1 * G2).sum())
-    draws = []
-    for k in range(3000):
-        L = projection_matrix(f"seed{k}/left", p, o, kind=kind)
-        R = projection_matrix(f"seed{k}/right", p, i, kind=kind)
-        draws.append(float(((L @ G1 @ R.T) * (L @ G2 @ R.T)).sum()))
-    draws = torch.tensor(draws)
-    sem = float(draws.std() / math.sqrt(len(draws)))
-    assert abs(float(draws.mean()) - truth) < 4 * sem + 1e-3 * abs(truth)
-    # and a projection is not the identity: single draws scatter
-    assert float(draws.std()) > 0
-
-
 def test_per_token_rows_sum_to_sequence_row():
     model = tiny_neox()
     for p in (0, 4):
         cfg = GradientConfig(projection_dim=p, include_bias=True)
-        seq = GradientEngine(model, cfg).compute(collate(make_docs()))
+        seq = GradientEngine(model, cfg).compute(pad_batch(random_docs(DOC_LENGTHS)))
         tok_cfg = GradientConfig(projection_dim=p, include_bias=True, attribute_tokens=True)
-        tok = GradientEngine(model, tok_cfg).compute(collate(make_docs()))
+        tok = GradientEngine(model, tok_cfg).compute(pad_batch(random_docs(DOC_LENGTHS)))
         counts = tok.token_counts.tolist()
         assert counts == [max(n - 1, 0) for n in (9, 5, 12, 2)]
         starts = [0] + list(torch.tensor(counts).cumsum(0)[:-1].tolist())
@@ -178,23 +118,23 @@ def test_prompt_positions_carry_no_loss_but_still_gradient():
     """With the prompt masked, the gradient equals the completion-only loss's gradient."""
     model = tiny_neox()
     cfg = GradientConfig()
-    docs = make_docs((10, 8))
-    res = GradientEngine(model, cfg).compute(collate(docs, prompt_len=4))
+    docs = random_docs((10, 8))
+    res = GradientEngine(model, cfg).compute(pad_batch(docs, 4))
     modules = find_target_modules(model, cfg)
     for i, doc in enumerate(docs):
         truth = ground_truth(model, modules, doc, cfg, prompt_len=4)
         want = torch.cat([truth[n].reshape(-1) for n in modules])
         assert rel_err(res.rows[i], want) < 1e-5
-    full = GradientEngine(model, cfg).compute(collate(docs))
+    full = GradientEngine(model, cfg).compute(pad_batch(docs))
     assert rel_err(full.rows[0], res.rows[0]) > 1e-3  # the mask changed something
 
 
 def test_batch_composition_does_not_change_rows():
     model = tiny_neox()
     eng = GradientEngine(model, GradientConfig(projection_dim=4))
-    docs = make_docs((9, 5, 12, 7))
-    together = eng.compute(collate(docs)).rows
-    alone = torch.cat([eng.compute(collate([d])).rows for d in docs])
+    docs = random_docs((9, 5, 12, 7))
+    together = eng.compute(pad_batch(docs)).rows
+    alone = torch.cat([eng.compute(pad_batch([d])).rows for d in docs])
     assert rel_err(together, alone) < 1e-5
 
 
@@ -211,8 +151,8 @@ def test_adam_normalizer_divides_full_gradient(p):
             torch.rand(o, i, generator=g) + 0.1, torch.rand(o, generator=g) + 0.1
         )
     eng = GradientEngine(model, cfg, normalizers=norms)
-    doc = make_docs((9,))[0]
-    row = eng.compute(collate([doc])).rows[0]
+    doc = random_docs((9,))[0]
+    row = eng.compute(pad_batch([doc])).rows[0]
     truth = ground_truth(model, modules, doc, cfg)
     col = 0
     for name, size in eng.grad_sizes.items():
@@ -242,8 +182,8 @@ def test_adafactor_normalizer_equals_rank1_scaling(p):
             torch.rand(o, generator=g) + 0.1,
         )
     eng = GradientEngine(model, cfg, normalizers=norms)
-    doc = make_docs((9,))[0]
-    row = eng.compute(collate([doc])).rows[0]
+    doc = random_docs((9,))[0]
+    row = eng.compute(pad_batch([doc])).rows[0]
     truth = ground_truth(model, modules, doc, cfg)
     col = 0
     for name, size in eng.grad_sizes.items():
@@ -269,8 +209,8 @@ def test_attention_head_split_concatenates_to_module_gradient():
     assert [k for k in eng.grad_sizes if k.startswith(name)] == [
         f"{name}.head_{h}" for h in range(4)
     ]
-    split = eng.compute(collate(make_docs())).rows
-    whole = GradientEngine(model, GradientConfig()).compute(collate(make_docs())).rows
+    split = eng.compute(pad_batch(random_docs(DOC_LENGTHS))).rows
+    whole = GradientEngine(model, GradientConfig()).compute(pad_batch(random_docs(DOC_LENGTHS))).rows
     # heads are row blocks of the [O, I] gradient; the flattened concatenation is identical
     assert rel_err(split, whole) < 1e-6
 
@@ -281,10 +221,10 @@ def test_global_projection_is_sum_of_per_module_single_projections():
     cfg = GradientConfig(projection_dim=p, projection_target="global")
     eng = GradientEngine(model, cfg)
     assert eng.grad_sizes == {"gradients": p}
-    docs = make_docs()
-    res = eng.compute(collate(docs))
+    docs = random_docs(DOC_LENGTHS)
+    res = eng.compute(pad_batch(docs))
     full_eng = GradientEngine(model, GradientConfig())
-    full = full_eng.compute(collate(docs)).rows
+    full = full_eng.compute(pad_batch(docs)).rows
     want = torch.zeros(len(docs), p)
     col = 0
     for name, size in full_eng.grad_sizes.items():
@@ -309,9 +249,9 @@ def test_advantage_scales_each_document_gradient():
     """GRPO: the loss of document b is A_b * CE_b, so its gradient is A_b times the plain one."""
     model = tiny_neox()
     eng = GradientEngine(model, GradientConfig(projection_dim=4))
-    docs = make_docs((9, 5, 12))
-    plain = eng.compute(collate(docs)).rows
-    batch = collate(docs)
+    docs = random_docs((9, 5, 12))
+    plain = eng.compute(pad_batch(docs)).rows
+    batch = pad_batch(docs)
     batch.advantage = torch.tensor([0.5, -2.0, 0.0])
     weighted = eng.compute(batch).rows
     assert rel_err(weighted, plain * batch.advantage[:, None]) < 1e-5

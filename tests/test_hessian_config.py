@@ -5,40 +5,32 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bergson_ray.config import GradientConfig
+from bergson_ray.config import GradientConfig, HessianConfig, HessianRunConfig, as_config
 from bergson_ray.errors import BadInputError
 from bergson_ray.hessians.assign import assign_modules
-from bergson_ray.hessians.config import HessianConfig
 from bergson_ray.hessians.kfac import KFACAccumulator
 from bergson_ray.hessians.shard_state import ShardState
 from bergson_ray.hessians.specs import ModuleSpec
 
 
 @pytest.mark.parametrize(
-    "hcfg,gcfg,match",
+    "hkw,gkw,match",
     [
-        (HessianConfig(method="autocorrelation", ev_correction=True), GradientConfig(), "factored"),
-        (
-            HessianConfig(method="kfac", ev_correction=True),
-            GradientConfig(projection_dim=8),
-            "projection_dim 0",
-        ),
-        (
-            HessianConfig(method="kfac"),
-            GradientConfig(split_attention_modules=["x"]),
-            "whole module",
-        ),
-        (HessianConfig(hessian_dtype="fp8"), GradientConfig(), "dtype"),  # type: ignore[arg-type]
-        (
-            HessianConfig(method="autocorrelation"),
-            GradientConfig(projection_dim=4, projection_target="global"),
-            "global",
-        ),
+        ({"method": "autocorrelation", "ev_correction": True}, {}, "factored"),
+        ({"method": "kfac", "ev_correction": True}, {"projection_dim": 8}, "projection_dim 0"),
+        ({"method": "kfac"}, {"split_attention_modules": ["x"]}, "whole module"),
+        ({"hessian_dtype": "fp8"}, {}, "dtype"),
+        ({"method": "autocorrelation"}, {"projection_dim": 4, "projection_target": "global"}, "global"),
+        ({"method": "newton"}, {}, "unknown --method"),
+        ({"num_shards": -1}, {}, "num_shards"),
     ],
 )
-def test_validation_names_the_problem(hcfg, gcfg, match):
+def test_validation_names_the_problem(hkw, gkw, match):
+    """Each bad combination fails when the config is made, whatever makes it."""
     with pytest.raises(BadInputError, match=match):
-        hcfg.validate(gcfg)
+        HessianRunConfig(hessian=HessianConfig(**hkw), grad=GradientConfig(**gkw))
+    with pytest.raises(BadInputError, match=match):
+        as_config(HessianRunConfig, {"hessian": hkw, "grad": gkw})
 
 
 def test_assignment_balances_cost_and_keeps_order():

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.ray
 
 def in_process_rows(split: str, projection_dim: int = 0) -> torch.Tensor:
     from bergson_ray.config import BatchConfig, DataConfig, GradientConfig, ModelConfig
-    from bergson_ray.gradients.runner import GradientRunner, RunnerSpec
+    from bergson_ray.runners.gradient_runner import GradientRunner, RunnerSpec
 
     runner = GradientRunner(
         RunnerSpec(
@@ -33,8 +33,8 @@ def test_ekfac_scores_are_preconditioned_inner_products(
 ):
     from bergson_ray.config import GradientConfig, ModelConfig
     from bergson_ray.gradients.projection import ProjectionCache
-    from bergson_ray.pipelines.common import plan_layout
     from bergson_ray.pipelines.ekfac import ekfac
+    from bergson_ray.pipelines.stages import plan_layout
     from bergson_ray.store.gradient_store import GradientStore
     from bergson_ray.store.score_store import ScoreStore
 

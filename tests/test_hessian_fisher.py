@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_hessian_groundtruth import GCFG, fit, make_docs, pad_batch, rel, tiny_neox
+from helpers import pad_batch, rel
+from test_hessian_groundtruth import GCFG, fit, make_docs, tiny_neox
 
-from bergson_ray.hessians.config import HessianConfig
+from bergson_ray.config import HessianConfig
 from bergson_ray.hessians.fisher import fisher_loss, sample_labels
 
 

@@ -10,21 +10,20 @@ are data; the sampler is tested on its own in ``test_hessian_fisher.py``).
 The fitter, by contrast, runs documents *packed and right-padded*, so these tests
 also show that padding contributes nothing.
 
-Helpers here are imported by the other ``test_hessian_*`` files.
+The fixtures here are imported by ``test_hessian_fisher.py``; shared ones live in
+``helpers.py``.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
+import helpers
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+from helpers import pad_batch, random_docs, rel
 
-from bergson_ray.config import GradientConfig
+from bergson_ray.config import GradientConfig, HessianConfig
 from bergson_ray.gradients.modules import Conv1D, find_target_modules
 from bergson_ray.hessians.accumulator import Factors
-from bergson_ray.hessians.config import HessianConfig
 from bergson_ray.hessians.factored import fit_kronecker, recompose
 from bergson_ray.hessians.fisher import sample_labels
 from bergson_ray.hessians.fitter import FactorFitter
@@ -37,48 +36,23 @@ LENGTHS = (9, 5, 12, 2, 7, 11, 3, 8)
 
 
 def tiny_neox(hidden: int = 16, layers: int = 2, bias: bool = True, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=64,
-        attention_bias=bias,
-    )
-    return GPTNeoXForCausalLM(cfg).float().eval()
+    return helpers.tiny_neox(
+        hidden=hidden, layers=layers, intermediate=2 * hidden, bias=bias, vocab=VOCAB, seed=seed
+    ).eval()
 
 
 def tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(cfg).float().eval()
+    return helpers.tiny_gpt2(hidden=16, layers=1, vocab=VOCAB, seed=seed).eval()
 
 
 def make_docs(lengths=LENGTHS, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, VOCAB, (n,), generator=g) for n in lengths]
+    return random_docs(lengths, seed, VOCAB)
 
 
 def doc_labels(doc: torch.Tensor, prompt_len: int) -> torch.Tensor:
     lab = doc.clone()
     lab[:prompt_len] = -100
     return lab
-
-
-def pad_batch(docs, prompt_lens=None):
-    """Right-padded batch (pad id 0, label -100), like ``data.batching.collate``."""
-    prompt_lens = prompt_lens or [0] * len(docs)
-    s = max(len(d) for d in docs)
-    ids = torch.zeros(len(docs), s, dtype=torch.long)
-    labels = torch.full((len(docs), s), -100, dtype=torch.long)
-    for i, (d, p) in enumerate(zip(docs, prompt_lens)):
-        ids[i, : len(d)] = d
-        labels[i, : len(d)] = doc_labels(d, p)
-    return SimpleNamespace(
-        input_ids=ids, labels=labels, lengths=torch.tensor([len(d) for d in docs])
-    )
 
 
 def fit(model, docs, hcfg, gcfg, *, batches=None, prompt_lens=None, eigenbases=None):
@@ -156,11 +130,6 @@ def brute_force(model, docs, gcfg, *, use_dataset_labels=False, seed=0, prompt_l
 
 def bf_kfac(bf):
     return {n: (p["a"].T @ p["a"], p["g"].T @ p["g"], p["a"].shape[0]) for n, p in bf.items()}
-
-
-def rel(x, y):
-    x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
-    return float((x - y).norm() / y.norm().clamp_min(1e-30))
 
 
 def bf_kronecker(bf, num_docs):

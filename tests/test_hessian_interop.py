@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import rel
 from safetensors.torch import load_file, save_file
 
 from bergson_ray.hessians.factored_io import read_factored
@@ -98,10 +99,6 @@ def our_run(ray_session, tmp_path_factory) -> Path:
         model=str(MODEL), dataset=str(DATA), split=SPLIT, method="kfac", ev_correction=True,
         use_dataset_labels=True, num_shards=3, window_size=8,
     )  # fmt: skip
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def test_same_factors_as_bergson(bergson_run, our_run):

@@ -13,7 +13,7 @@ from bergson_ray.hessians.factored_io import (
     SUBDIRS,
     is_factored_dir,
     read_factored,
-    shard_bounds,
+    shard_bounds_remainder_first,
     shard_slices,
     write_shard_file,
 )
@@ -46,11 +46,12 @@ def write_dir(root, num_files, owners):
 
 
 def test_shard_bounds_remainder_on_first():
-    assert [shard_bounds(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
-    assert [shard_bounds(2, r, 4) for r in range(4)] == [(0, 2), (2, 2), (2, 2), (2, 2)]
+    bounds = shard_bounds_remainder_first
+    assert [bounds(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    assert [bounds(2, r, 4) for r in range(4)] == [(0, 2), (2, 2), (2, 2), (2, 2)]
     for dim in (1, 5, 17):
         for w in (1, 2, 3, 8):
-            rows = [shard_bounds(dim, r, w) for r in range(w)]
+            rows = [shard_bounds_remainder_first(dim, r, w) for r in range(w)]
             assert rows[0][0] == 0 and rows[-1][1] == dim
             assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
 
@@ -70,7 +71,7 @@ def test_roundtrip_any_shard_count(tmp_path, num_files):
         fa = load_file(str(tmp_path / "factor_eig_a" / f"shard_{r}.safetensors"))
         assert all(torch.equal(fa[n], kfs[n].factor_eig_a) for n in MODULES)
         q = load_file(str(tmp_path / "eigen_activation_sharded" / f"shard_{r}.safetensors"))
-        lo, hi = shard_bounds(MODULES["a.q"][1], r, num_files)
+        lo, hi = shard_bounds_remainder_first(MODULES["a.q"][1], r, num_files)
         assert torch.equal(q["a.q"], kfs["a.q"].q_a[lo:hi])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import rel
 
 from bergson_ray.errors import BadInputError
 from bergson_ray.hessians.accumulator import Factors
@@ -19,10 +20,6 @@ from bergson_ray.hessians.methods import make_factor_accumulator
 from bergson_ray.hessians.preconditioner import DensePreconditioner, FactoredPreconditioner
 
 DENSE_INVERSIONS = [i for i in INVERSIONS if i != "factored_tikhonov"]
-
-
-def rel(x, y):
-    return float((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30))
 
 
 def random_psd(d, rank=None, seed=0):

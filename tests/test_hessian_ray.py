@@ -12,10 +12,12 @@ import json
 
 import pytest
 import torch
+from helpers import rel
 
 from bergson_ray.errors import StoreError
 from bergson_ray.hessians.factored_io import read_factored
 from bergson_ray.hessians.preconditioner import load_preconditioner
+from bergson_ray.testing.faults import FaultPlan
 
 pytestmark = pytest.mark.ray
 
@@ -23,14 +25,10 @@ BASE = dict(split="train[:24]", window_size=8, overwrite=True, method="kfac", ev
 SETTINGS = dict(num_workers=1, num_shards=1, token_batch_size=4096)
 
 
-def run(tmp, name, chaos=None, **kw):
+def run(tmp, name, faults=None, **kw):
     from bergson_ray.pipelines.hessian import hessian
 
-    return hessian(run_path=str(tmp / name), _chaos=chaos, **{**BASE, **SETTINGS, **kw})
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    return hessian(run_path=str(tmp / name), faults=faults, **{**BASE, **SETTINGS, **kw})
 
 
 def assert_same_hessian(
@@ -60,10 +58,15 @@ def base_run(ray_session, tiny_assets, tmp_path_factory):
 
 def test_pipeline_factors_equal_in_process_fit(base_run, tiny_assets):
     """The sharded Ray run stores exactly the sums an in-process fitter computes."""
-    from bergson_ray.config import BatchConfig, DataConfig, GradientConfig, ModelConfig
-    from bergson_ray.gradients.runner import RunnerSpec
-    from bergson_ray.hessians.config import HessianConfig
-    from bergson_ray.hessians.runner import HessianRunner, HessianSpec
+    from bergson_ray.config import (
+        BatchConfig,
+        DataConfig,
+        GradientConfig,
+        HessianConfig,
+        ModelConfig,
+    )
+    from bergson_ray.runners.gradient_runner import RunnerSpec
+    from bergson_ray.runners.hessian_runner import HessianRunner, HessianSpec
 
     spec = HessianSpec(
         RunnerSpec(ModelConfig(), GradientConfig(), DataConfig(split="train[:24]"), BatchConfig()),
@@ -111,7 +114,8 @@ def test_shampoo_depends_on_batching_by_construction(ray_session, tmp_path):
 
 
 def test_killed_shard_during_accumulation_recovers(base_run, tmp_path):
-    out = run(tmp_path, "kill_acc", {"kill_shard": 1, "kill_shard_at": "accumulate"}, num_shards=3)
+    faults = FaultPlan(kill_shard=1, kill_shard_at="accumulate")
+    out = run(tmp_path, "kill_acc", faults, num_shards=3)
     assert json.loads((out / "summary.json").read_text())["shard_restarts"] == 1
     assert_same_hessian(base_run, out)
 
@@ -126,7 +130,7 @@ def test_killed_shard_during_accumulation_recovers(base_run, tmp_path):
 )
 def test_killed_shard_holding_data_is_replayed(base_run, tmp_path, stage):
     """Killed while holding merged sums / eigenbases / corrections: replaced and replayed."""
-    out = run(tmp_path, "kill", {"kill_shard": 2, "kill_shard_at": stage}, num_shards=3)
+    out = run(tmp_path, "kill", FaultPlan(kill_shard=2, kill_shard_at=stage), num_shards=3)
     assert json.loads((out / "summary.json").read_text())["shard_restarts"] == 1
     assert_same_hessian(base_run, out)
 
@@ -136,7 +140,7 @@ def test_killed_shard_fails_loudly_without_restarts(ray_session, tmp_path):
         run(
             tmp_path,
             "kill_fail",
-            {"kill_shard": 0, "kill_shard_at": "merge_factors"},
+            FaultPlan(kill_shard=0, kill_shard_at="merge_factors"),
             num_shards=2,
             max_shard_restarts=0,
         )
@@ -146,8 +150,8 @@ def test_killed_shard_fails_loudly_without_restarts(ray_session, tmp_path):
 
 
 def test_crashed_worker_windows_rerun(base_run, tmp_path):
-    chaos = {"worker": {"crash_after_windows": 1, "marker": str(tmp_path / "crashed")}}
-    out = run(tmp_path, "crash", chaos, num_workers=2)
+    faults = FaultPlan(crash_hessian_worker_after_windows=1, crash_marker=str(tmp_path / "crashed"))
+    out = run(tmp_path, "crash", faults, num_workers=2)
     assert (tmp_path / "crashed").exists()
     assert_same_hessian(base_run, out)
 

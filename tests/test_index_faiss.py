@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from bergson_ray.config import FaissConfig
 from bergson_ray.errors import BadInputError, StoreError
-from bergson_ray.query.config import FaissConfig
-from bergson_ray.query.faiss_index import Hits, merge_hits, shard_bounds
+from bergson_ray.query.faiss_index import Hits, merge_hits, shard_bounds_remainder_last
 from bergson_ray.query.gradient_index import GradientIndex
 from bergson_ray.query.index_store import IndexDir, index_dir_name
-from bergson_ray.query.precondition import load_preconditioner
+from bergson_ray.query.precondition import load_row_preconditioner
 from bergson_ray.query.transform import unit_normalize
 
 GRAD_SIZES = {"layers.0.mlp": 40, "layers.1.mlp": 24}
@@ -139,8 +139,8 @@ def test_preconditioned_cosine_is_two_sided_then_normalised(rows, queries, tmp_p
 
 def test_preconditioner_half_power_applied_twice_is_inverse(rows, tmp_path):
     hdir = write_hessian_dir(tmp_path / "h", rows, GRAD_SIZES)
-    half = load_preconditioner(hdir, GRAD_SIZES, power=-0.5)
-    full = load_preconditioner(hdir, GRAD_SIZES, power=-1.0)
+    half = load_row_preconditioner(hdir, GRAD_SIZES, power=-0.5)
+    full = load_row_preconditioner(hdir, GRAD_SIZES, power=-1.0)
     x = rows[:5]
     np.testing.assert_allclose(half.apply(half.apply(x)), full.apply(x), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(full.apply(x), x @ _module_power(rows, -1.0), rtol=1e-3, atol=1e-4)
@@ -149,9 +149,9 @@ def test_preconditioner_half_power_applied_twice_is_inverse(rows, tmp_path):
 def test_preconditioner_rejects_wrong_shapes(tmp_path, rows):
     hdir = write_hessian_dir(tmp_path / "h", rows[:, :30], {"layers.0.mlp": 30})
     with pytest.raises(StoreError, match="layers.0.mlp.*30-wide"):
-        load_preconditioner(hdir, GRAD_SIZES, power=-1.0)
+        load_row_preconditioner(hdir, GRAD_SIZES, power=-1.0)
     with pytest.raises(StoreError, match="does not exist"):
-        load_preconditioner(tmp_path / "nope", GRAD_SIZES, power=-1.0)
+        load_row_preconditioner(tmp_path / "nope", GRAD_SIZES, power=-1.0)
 
 
 def recall_at(hits: Hits, exact: Hits) -> float:
@@ -192,9 +192,9 @@ def test_one_and_three_shards_agree_exactly(rows, queries, reverse):
 
 
 def test_shard_bounds_match_bergson_split():
-    assert shard_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert shard_bounds_remainder_last(10, 3) == [(0, 3), (3, 6), (6, 10)]
     with pytest.raises(BadInputError):
-        shard_bounds(2, 3)
+        shard_bounds_remainder_last(2, 3)
 
 
 def test_merge_orders_by_score_then_id_and_puts_missing_last():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_same, rows_of, subprocess_env, tiny_runner_spec
 
-from bergson_ray.config import BatchConfig, DataConfig, GradientConfig, ModelConfig
-from bergson_ray.gradients.runner import GradientRunner, RunnerSpec
+from bergson_ray.runners.gradient_runner import GradientRunner
 from bergson_ray.store.gradient_store import GradientStore
+from bergson_ray.utils.net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -36,25 +36,11 @@ BUILD_ARGS = [
 ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def job_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        RAY_AUTH_MODE="disabled",
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_USAGE_STATS_ENABLED="0",
+    return subprocess_env(
         RAY_DATA_DISABLE_PROGRESS_BARS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `bergson-ray` for the job shell
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `bergson-ray` for the job shell
     )
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 def our_pids(marker: str) -> list[int]:
@@ -165,25 +151,12 @@ _REFERENCE: dict = {}
 def in_process(n: int) -> dict[str, np.ndarray]:
     """Ray-free gradients of the first ``n`` rows (the first 40 computed once)."""
     if not _REFERENCE:
-        spec = RunnerSpec(
-            model=ModelConfig(),
-            grad=GradientConfig(projection_dim=8),
-            data=DataConfig(split="train[:40]", truncation=True),
-            batch=BatchConfig(token_batch_size=4096),
-        )
-        _REFERENCE.update(GradientRunner(spec).gradients(np.arange(40)))
+        _REFERENCE.update(GradientRunner(tiny_runner_spec()).gradients(np.arange(40)))
     return {k: np.asarray(v)[:n] for k, v in _REFERENCE.items()}
 
 
 def in_process_rows(n: int) -> np.ndarray:
     return in_process(n)["grads"]
-
-
-def assert_rows_equal(path: Path, want: np.ndarray) -> None:
-    store = GradientStore.open(path)
-    got = store.rows(np.arange(store.num_grads)).numpy()
-    assert got.shape == want.shape
-    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
 
 
 def test_cli_job_build_equals_in_process(head, tmp_path):
@@ -194,7 +167,7 @@ def test_cli_job_build_equals_in_process(head, tmp_path):
     # the job's driver joined the running cluster (RAY_ADDRESS) instead of starting one
     assert "Started a local Ray instance" not in res.stdout + res.stderr
     assert (out / "summary.json").exists() and not Path(f"{out}.part").exists()
-    assert_rows_equal(out, in_process_rows(16))
+    assert_same(rows_of(out), in_process_rows(16))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows_received"] == 16 and summary["duplicate_rows"] == 0
     assert summary["tokens"] > 0 and summary["bytes_written"] > 0
@@ -223,7 +196,7 @@ def test_client_job_build_to_a_uri(head, tmp_path):
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert f"gradient store written to file://{dest}" in logs
-    assert_rows_equal(dest, in_process_rows(16))
+    assert_same(rows_of(dest), in_process_rows(16))
     assert not any((tmp_path / "staging").rglob("gradients.bin")), "staging copy left behind"
 
 
@@ -298,7 +271,7 @@ def test_killed_job_driver_leaves_a_resumable_run(head, tmp_path, ray_session):
     assert summary["computed_documents"] == 40 - before
     assert summary["rows_received"] == 40 - before and summary["duplicate_rows"] == 0
     want = in_process(40)
-    assert_rows_equal(final, want["grads"])
+    assert_same(rows_of(final), want["grads"])
     store = GradientStore.open(final)
     np.testing.assert_array_equal(np.asarray(store.data["length"]), want["length"])
     np.testing.assert_allclose(np.asarray(store.data["loss"]), want["loss"], rtol=1e-5)

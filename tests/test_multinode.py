@@ -11,7 +11,6 @@ time) and starts an equivalent one again when it is done.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -20,32 +19,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import ray
+from helpers import TINY_BUILD, assert_same, rows_of, summary_of
 
 from bergson_ray.errors import BadInputError
 from bergson_ray.pipelines.build import build
 from bergson_ray.pipelines.score import score
-from bergson_ray.pipelines.storage import SIMULATE_ENV, make_probe, probe_problems, verify_probe
-from bergson_ray.store.gradient_store import GradientStore
+from bergson_ray.pipelines.storage import make_probe, probe_problems
 from bergson_ray.store.score_store import ScoreStore
+from bergson_ray.testing.faults import FaultPlan
 
-COMMON = dict(dataset="tiny", split="train[:40]", projection_dim=8, truncation=True)
 N = 40
 MiB = 1024**2
-
-
-def rows_of(path) -> np.ndarray:
-    store = GradientStore.open(path)
-    return store.rows(np.arange(store.num_grads)).numpy()
-
-
-def summary_of(path) -> dict:
-    return json.loads((Path(path) / "summary.json").read_text())
-
-
-def assert_same(a: np.ndarray, b: np.ndarray, tol: float = 1e-6) -> None:
-    assert a.shape == b.shape
-    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-    assert err <= tol, f"max deviation {err:.2e} of the largest entry"
 
 
 def assert_exactly_once(path) -> None:
@@ -54,7 +38,7 @@ def assert_exactly_once(path) -> None:
 
 
 # --- Ray-free: the storage probe ---------------------------------------------------------
-def test_probe_sees_the_run_dir_and_reports_what_is_missing(tmp_path, monkeypatch):
+def test_probe_sees_the_run_dir_and_reports_what_is_missing(tmp_path):
     run = tmp_path / "idx.part"
     run.mkdir()
     probe = make_probe(run, SimpleNamespace(dataset=str(tmp_path / "data.jsonl")), None)
@@ -65,9 +49,9 @@ def test_probe_sees_the_run_dir_and_reports_what_is_missing(tmp_path, monkeypatc
     (run / ".bergson_ray_visibility").write_text("another token")
     assert "another directory" in probe_problems(probe)[0]
     probe = make_probe(run)
-    monkeypatch.setenv(SIMULATE_ENV, str(tmp_path))
+    probe.verify()  # this process sees it
     with pytest.raises(BadInputError, match="cannot see .*run path .* is not the driver's"):
-        verify_probe(probe)
+        probe.verify(blind=True)  # a node without the shared file system
 
 
 @pytest.mark.parametrize(
@@ -84,14 +68,14 @@ def test_worker_pool_on_an_autoscaling_cluster(
 ):
     """``--num_workers 0`` with no GPU up yet: a warning, and GPU workers when GPUs can come."""
     from bergson_ray.config import RayConfig
-    from bergson_ray.pipelines import common, placement
+    from bergson_ray.pipelines import placement, stages
     from bergson_ray.utils import ray_env
 
     monkeypatch.setattr(placement, "gpu_capacity", lambda: (gpus, possible))
     monkeypatch.setattr(ray_env, "cluster_cpus", lambda: 8.0)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     with caplog.at_level("WARNING"):
-        pool = common.worker_pool(RayConfig(num_workers=0, worker_device=device))
+        pool = stages.worker_pool(RayConfig(num_workers=0, worker_device=device))
     assert pool.device == want_device and pool.size == max(1, gpus)
     if warns:
         assert warns in caplog.text
@@ -153,7 +137,7 @@ def one_node(mn, tmp_path_factory):
         run_path=tmp_path_factory.mktemp("one") / "idx",
         num_workers=1,
         worker_resources="w1=1",
-        **COMMON,
+        **TINY_BUILD,
     )
     assert set(summary_of(out)["rows_per_node"]) == {node_id(mn.nodes["w1"])}
     return out
@@ -167,8 +151,8 @@ def test_build_spread_over_two_worker_nodes_equals_one_node(mn, one_node, tmp_pa
         num_workers=2,
         worker_resources="worker=1",
         window_size=4,
-        _chaos={"delay_s": 0.2},
-        **COMMON,
+        faults=FaultPlan(batch_delay_s=0.2),
+        **TINY_BUILD,
     )
     per_node = summary_of(out)["rows_per_node"]
     assert set(per_node) == {node_id(mn.nodes["w1"]), node_id(mn.nodes["w2"])}, per_node
@@ -183,13 +167,14 @@ def test_node_without_the_shared_path_fails_fast(mn, tmp_path):
     """A node that cannot see the run directory stops the run before any worker starts."""
     runs = tmp_path / "runs"
     runs.mkdir()
-    blind = mn.cluster.add_node(
-        num_cpus=1, resources={"blind": 1}, env_vars={SIMULATE_ENV: str(runs)}
-    )
+    blind = mn.cluster.add_node(num_cpus=1, resources={"blind": 1})
     try:
         mn.cluster.wait_for_nodes()
+        faults = FaultPlan(unshared_nodes=(node_id(blind),))
         with pytest.raises(BadInputError, match="cannot see what the driver wrote") as info:
-            build(run_path=runs / "idx", num_workers=1, worker_resources="w1=1", **COMMON)
+            build(
+                run_path=runs / "idx", num_workers=1, worker_resources="w1=1", faults=faults, **TINY_BUILD
+            )
         assert "run path" in str(info.value) and "idx.part" in str(info.value)
         written = np.fromfile(runs / "idx.part" / "written.bin", dtype=np.uint8)
         assert not written.any(), "rows were computed although the check failed"
@@ -244,8 +229,8 @@ def test_worker_node_removed_mid_build_gives_the_identical_store(mn, one_node, t
         num_workers=2,
         worker_resources="worker=1",
         window_size=4,
-        _chaos={"delay_s": 0.5, "trace_dir": str(trace)},
-        **COMMON,
+        faults=FaultPlan(batch_delay_s=0.5, trace_dir=str(trace)),
+        **TINY_BUILD,
     )
     try:
         _remove_mid_run(mn, "w2", trace, thread)
@@ -273,8 +258,8 @@ def test_worker_node_removed_mid_score_gives_the_identical_scores(mn, one_node, 
         num_workers=2,
         worker_resources="worker=1",
         window_size=4,
-        _chaos={"delay_s": 0.5, "trace_dir": str(trace)},
-        **COMMON,
+        faults=FaultPlan(batch_delay_s=0.5, trace_dir=str(trace)),
+        **TINY_BUILD,
     )
     try:
         _remove_mid_run(mn, "w2", trace, thread)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from bergson_ray.config import FaissConfig
 from bergson_ray.errors import BadInputError, StoreError
 from bergson_ray.query.attributor import Attributor
-from bergson_ray.query.config import FaissConfig
 from bergson_ray.query.testing import tiny_store
 from bergson_ray.query.transform import unit_normalize
 
@@ -155,7 +155,7 @@ def test_store_preconditioned_at_build_is_not_preconditioned_twice(store, tmp_pa
 
 
 def test_trace_matches_query(attr):
-    from bergson_ray.gradients.model_loading import load_model
+    from bergson_ray.runners.model_loading import load_model
 
     model, tok = load_model(attr.spec.build.model)
     for p in model.parameters():

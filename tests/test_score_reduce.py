@@ -16,6 +16,7 @@ from bergson_ray.pipelines.score import score
 from bergson_ray.store.gradient_store import GradientStore
 from bergson_ray.store.processor import save_hessians
 from bergson_ray.store.score_store import ScoreStore
+from bergson_ray.testing.faults import FaultPlan
 
 pytestmark = pytest.mark.ray
 
@@ -107,7 +108,7 @@ def test_reduce_with_killed_worker_counts_each_document_once(stores, tmp_path):
     root, train, _ = stores
     marker = tmp_path / "crashed"
     out = reduce(run_path=tmp_path / "m", dataset="tiny", split=f"train[:{N}]", window_size=4,
-                 _chaos={"crash_after_batches": 2, "marker": str(marker)}, **COMMON)
+                 faults=FaultPlan(crash_worker_after_batches=2, crash_marker=str(marker)), **COMMON)
     assert marker.exists()
     close(rows(out)[0], rows(train).mean(0))
 
@@ -155,7 +156,7 @@ def test_killed_score_worker_and_resume(stores, tmp_path):
     ref = ScoreStore.open(run_score(root, "ind_ref", query)).scores
     marker = tmp_path / "crashed"
     out = score(run_path=tmp_path / "k", dataset="tiny", split=f"train[:{N}]", query_path=str(query),
-                window_size=4, _chaos={"crash_after_batches": 2, "marker": str(marker)}, **COMMON)
+                window_size=4, faults=FaultPlan(crash_worker_after_batches=2, crash_marker=str(marker)), **COMMON)
     assert marker.exists()
     killed = ScoreStore.open(out)
     assert killed.written.all()

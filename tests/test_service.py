@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import urllib.error
 import urllib.request
 
@@ -17,6 +16,7 @@ import pytest
 from bergson_ray.errors import BadInputError
 from bergson_ray.query.attributor import Attributor
 from bergson_ray.query.testing import tiny_store
+from bergson_ray.utils.net import free_port
 
 pytestmark = pytest.mark.ray
 
@@ -162,12 +162,6 @@ def test_serve_refuses_duplicates_and_bad_settings(services, store, three):
     assert "svcbad" not in [s["name"] for s in list_services(NS)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url, body, token):
     req = urllib.request.Request(
         url,
@@ -189,7 +183,7 @@ def test_http_endpoint_checks_the_bearer_token(services, store, local):
     pytest.importorskip("fastapi")
     from ray import serve as rserve
 
-    port = _free_port()
+    port = free_port()
     info = services(
         store=str(store), name="svchttp", http=True, http_port=port, http_token="s3cret-token"
     )

@@ -10,10 +10,8 @@ used: it would kill every Ray on the machine.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,61 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import kill_process_tree, subprocess_env
 
 from bergson_ray.query.attributor import Attributor
 from bergson_ray.query.testing import tiny_store
+from bergson_ray.utils.net import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 NS = "bergson_ray_xproc"
 TEXTS = ["The assert statement checks a condition", "Assignment binds names to objects"]
-ENV = {
-    **os.environ,
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-}
-ENV.pop("RAY_ADDRESS", None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_tree(proc: subprocess.Popen, marker: str) -> None:
-    """SIGTERM our process group, then SIGKILL whatever still runs under ``marker``."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            break
-        except ProcessLookupError:
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmd = (pid_dir / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+ENV = subprocess_env(OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
 def head():
-    port = _free_port()
+    port = free_port()
     tmp = tempfile.mkdtemp(prefix="brq", dir="/tmp")  # short: Ray puts sockets under it
     log = open(Path(tmp) / "head.log", "w")  # noqa: SIM115 - closed in teardown
     proc = subprocess.Popen(
@@ -101,7 +61,7 @@ def head():
             raise RuntimeError("the Ray head did not come up")
         yield address
     finally:
-        _kill_tree(proc, tmp)
+        kill_process_tree(proc, tmp, ((signal.SIGTERM, 10), (signal.SIGKILL, 10)))
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,12 +12,10 @@ import torch
 import yaml
 
 from bergson_ray.errors import BadInputError, RunExistsError, StoreError
-from bergson_ray.store.gradient_store import (
-    GradientStore,
-    GradientStoreWriter,
-    element_type,
-    offsets_from_counts,
-)
+from bergson_ray.store.elements import element_type
+from bergson_ray.store.files import offsets_from_counts
+from bergson_ray.store.gradient_store import GradientStore
+from bergson_ray.store.gradient_writer import GradientStoreWriter
 from bergson_ray.store.processor import (
     NormalizerState,
     ProcessorConfig,

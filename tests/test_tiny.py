@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXForCausalLM
 
-from bergson_ray.defaults import tiny
+from bergson_ray.defaults import pydoc_corpus, tiny_build
+from bergson_ray.defaults import tiny as tiny_module
 from bergson_ray.defaults.tiny import (
     ensure_tiny_assets,
     load_tiny_tokenizer,
@@ -23,7 +24,7 @@ from bergson_ray.defaults.tiny import (
 
 def test_assets_contents(tiny_assets):
     tok = load_tiny_tokenizer(tiny_assets)
-    assert len(tok) == tiny.VOCAB_SIZE
+    assert len(tok) == tiny_build.VOCAB_SIZE
     assert tok.convert_ids_to_tokens([0, 1]) == ["<|endoftext|>", "<|padding|>"]
     assert tok.eos_token_id == 0 and tok.pad_token_id == 1
     assert tok.chat_template
@@ -37,11 +38,11 @@ def test_assets_contents(tiny_assets):
     corpus = datasets.load_from_disk(str(tiny_assets.corpus_dir))
     assert corpus.column_names == ["text"] and len(corpus) > 1000
     texts = list(corpus["text"])
-    assert min(len(t) for t in texts) >= tiny.MIN_PARAGRAPH_CHARS
+    assert min(len(t) for t in texts) >= pydoc_corpus.MIN_PARAGRAPH_CHARS
     assert len(set(texts)) == len(corpus)  # one source row per query
 
     query = datasets.load_from_disk(str(tiny_assets.query_dir))
-    assert len(query) == tiny.N_QUERY
+    assert len(query) == tiny_build.N_QUERY
     for text, src in zip(query["text"], query["src_idx"]):
         assert corpus[src]["text"] == text
 
@@ -110,14 +111,14 @@ def test_build_is_deterministic(tmp_path):
 
 def test_concurrent_callers_build_once(tmp_path, monkeypatch):
     calls = []
-    real_build = tiny._build_tiny
+    real_build = tiny_build.build_tiny
 
     def counting_build(root, steps):
         calls.append(root)
         time.sleep(0.3)  # widen the race window
         real_build(root, steps)
 
-    monkeypatch.setattr(tiny, "_build_tiny", counting_build)
+    monkeypatch.setattr(tiny_module, "build_tiny", counting_build)
     results, errors = [], []
 
     def worker():

@@ -10,7 +10,7 @@
   end-of-stream hook: the point is to send once per worker, not once per batch.
 
 Both are thin: the math and bookkeeping are :class:`~bergson_ray.hessians.shard_state.ShardState`
-and :class:`~bergson_ray.hessians.runner.HessianRunner`. Shards never restart by
+and :class:`~bergson_ray.runners.hessian_runner.HessianRunner`. Shards never restart by
 themselves (``max_restarts=0``): a restarted actor would come back empty and
 silently drop data, so the driver notices the death and decides (replace and
 re-send, or fail).
@@ -94,15 +94,15 @@ class HessianShard:
 class HessianWorker:
     """Sums Hessian statistics over every window it is given (see module docstring)."""
 
-    def __init__(self, spec, torch_threads: int = 0, chaos: dict | None = None):
-        from ..hessians.runner import HessianRunner
+    def __init__(self, spec, torch_threads: int = 0, faults=None):
+        from ..runners.hessian_runner import HessianRunner
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         if spec.runner.device == "auto":
             spec.runner.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.runner = HessianRunner(spec)
-        self.chaos = chaos or {}
+        self.faults = faults  # test-only FaultPlan
         self.windows = 0
 
     def ready(self) -> bool:
@@ -110,12 +110,8 @@ class HessianWorker:
 
     def process(self, idx) -> dict[str, int]:
         self.windows += 1
-        after = self.chaos.get("crash_after_windows", 0)
-        marker = self.chaos.get("marker")
-        if after and self.windows > after and marker and not os.path.exists(marker):
-            open(marker, "w").close()
-            log.warning("chaos: hessian worker pid %d exiting", os.getpid())
-            os._exit(1)
+        if self.faults is not None:
+            self.faults.before_window(self.windows)  # test hook: the one seam
         return self.runner.process(idx)
 
     def contributions(self, owners):

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import ray
 
-from ..query.config import FaissConfig
+from ..config import FaissConfig
 from ..query.faiss_index import Hits
 
 log = logging.getLogger(__name__)

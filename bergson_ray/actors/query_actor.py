@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from ..query.config import ServeConfig, shard_actor_name
+from ..config import ServeConfig, shard_actor_name
 from ..query.faiss_index import Hits, merge_hits
 from ..query.results import QueryResult
 

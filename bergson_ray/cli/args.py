@@ -3,22 +3,30 @@
 Flags carry bergson's names (``--projection_dim``, ``--token_batch_size`` ...): nested
 dataclasses are flattened, so ``BuildConfig.grad.projection_dim`` is ``--projection_dim``.
 Where two nested configs share a field name, the second gets a dotted prefix
-(``--attention.num_heads``). Booleans accept ``--flag``, ``--flag true`` and
-``--flag false`` so bergson command lines (``--overwrite true``) work unchanged.
+(``--query.dataset``). Booleans accept ``--flag``, ``--flag true`` and ``--flag false``
+so bergson command lines (``--overwrite true``) work unchanged.
+
+Each flag's help is the field's docstring (``config/docs.py``) and the default shown is
+the *command's* default (``ekfac`` shows ``--ev_correction`` as true), because the
+values come from the command config's default instance, the same instance that
+:func:`bergson_ray.config.from_dict` merges the given flags into.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from ..config.coerce import default_instance, field_types, from_dict, unwrap_optional
+from ..config.commands import SECTION_HELP
+from ..config.docs import field_docs
 
 T = TypeVar("T")
 
 
-def _str2bool(value: str) -> bool:
+def str2bool(value: str) -> bool:
+    """``true/false/yes/no/1/0/on/off`` -> bool (argparse type of every boolean flag)."""
     low = value.lower()
     if low in ("1", "true", "yes", "y", "on"):
         return True
@@ -27,66 +35,101 @@ def _str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _split_list(value: str) -> list[str]:
+def split_list(value: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` (argparse type of list flags)."""
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _flags_for(cls: type, prefix: str, taken: set[str]) -> list[tuple[str, str, Any, Any]]:
-    """Return (flag, dest_path, type, default) for every leaf field of ``cls``."""
-    out: list[tuple[str, str, Any, Any]] = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        path = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            out.extend(_flags_for(tp, f"{path}.", taken))
-            continue
-        flag = f.name if f.name not in taken else path
-        taken.add(flag)
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = None
-        out.append((flag, path, tp, default))
+@dataclasses.dataclass
+class Flag:
+    """One command-line flag for one leaf field of a (nested) config."""
+
+    flag: str
+    path: str
+    type: Any
+    default: Any
+    help: str
+    section: str
+
+
+_PATH_NAMES = ("model", "tokenizer", "dataset", "store", "optimizer_state", "manifest", "scores")
+
+
+def _metavar(name: str, tp: Any) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    if tp is int:
+        return "N"
+    if tp is float:
+        return "FLOAT"
+    if leaf.endswith(("kwargs", "_resources", "_labels")):
+        return "K=V,..."
+    if leaf.endswith(("_path", "_dir", "paths")) or leaf in _PATH_NAMES:
+        return "PATH"
+    return "TEXT"
+
+
+def flags_for(cls: type, *, skip: tuple[str, ...] = ()) -> list[Flag]:
+    """Every leaf field of ``cls`` as a :class:`Flag`, with the command's defaults."""
+    out: list[Flag] = []
+    taken: set[str] = set()
+
+    def walk(klass: type, obj: Any, prefix: str, section: str) -> None:
+        hints = field_types(klass)
+        docs = field_docs(klass)
+        for f in dataclasses.fields(klass):
+            tp, _ = unwrap_optional(hints[f.name])
+            path = f"{prefix}{f.name}"
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(tp):
+                walk(tp, value, f"{path}.", section or f.name)
+                continue
+            flag = f.name if f.name not in taken else path
+            taken.add(flag)
+            if flag in skip or path in skip or f.name in skip:
+                continue
+            out.append(Flag(flag, path, hints[f.name], value, docs.get(f.name, ""), section))
+
+    walk(cls, default_instance(cls), "", "")
     return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "''"
+    if isinstance(value, str):
+        return value or "''"
+    return str(value)
 
 
 def add_dataclass_args(
     parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()
 ) -> None:
-    """Add one ``--flag`` per leaf field of ``cls`` (recursing into nested dataclasses)."""
-    taken: set[str] = set()
-    for flag, path, tp, default in _flags_for(cls, "", taken):
-        # a skipped field (e.g. the positional run_path) gets no flag under any spelling
-        if flag in skip or path in skip or path.rsplit(".", 1)[-1] in skip:
-            continue
-        base, _optional = _unwrap_optional(tp)
-        dest = "cfg__" + path.replace(".", "__")
+    """Add one ``--flag`` per leaf field of ``cls`` (nested sections as argument groups)."""
+    groups: dict[str, Any] = {}
+    for fl in flags_for(cls, skip=skip):
+        base, _optional = unwrap_optional(fl.type)
+        dest = "cfg__" + fl.path.replace(".", "__")
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
-        help_default = f"(default: {default!r})"
         if base is bool:
-            kwargs.update(nargs="?", const=True, type=_str2bool, metavar="BOOL")
+            kwargs.update(nargs="?", const=True, type=str2bool, metavar="BOOL")
         elif get_origin(base) is Literal:
             choices = list(get_args(base))
             kwargs.update(choices=choices, type=type(choices[0]))
         elif get_origin(base) is list:
-            kwargs.update(type=_split_list, metavar="A,B,...")
-        elif base in (int, float, str):
-            kwargs.update(type=base)
+            kwargs.update(type=split_list, metavar="A,B,...")
+        elif base in (int, float):
+            kwargs.update(type=base, metavar=_metavar(fl.flag, base))
         else:
-            kwargs.update(type=str)
-        parser.add_argument(f"--{flag}", help=help_default, **kwargs)
+            kwargs.update(type=str, metavar=_metavar(fl.flag, base))
+        text = f"{fl.help} " if fl.help else ""
+        kwargs["help"] = f"{text}(default: {_show(fl.default)})".replace("%", "%%")
+        target = parser
+        if fl.section:
+            if fl.section not in groups:
+                title = SECTION_HELP.get(fl.section, fl.section)
+                groups[fl.section] = parser.add_argument_group(f"{fl.section}: {title}")
+            target = groups[fl.section]
+        target.add_argument(f"--{fl.flag}", **kwargs)
 
 
 def build_dataclass(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
@@ -100,10 +143,11 @@ def build_dataclass(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T
             values[key[5:].replace("__", ".")] = val
     for key, val in overrides.items():
         values[key.replace("__", ".")] = val
-    return from_dict(cls, _nest(values))
+    return from_dict(cls, nest(values))
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
     nested: dict[str, Any] = {}
     for path, val in flat.items():
         cur = nested
@@ -112,22 +156,3 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
             cur = cur.setdefault(p, {})
         cur[parts[-1]] = val
     return nested
-
-
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Recursively build dataclass ``cls`` from a (possibly partial) nested dict."""
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"unknown option(s) for {cls.__name__}: {sorted(unknown)}")
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp, _ = _unwrap_optional(hints[f.name])
-        val = data[f.name]
-        if dataclasses.is_dataclass(tp) and isinstance(val, dict):
-            val = from_dict(tp, val)
-        kwargs[f.name] = val
-    return cls(**kwargs)  # type: ignore[call-arg]

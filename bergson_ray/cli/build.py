@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-
 from ..config import BuildConfig
-from .args import add_dataclass_args, build_dataclass
+from .command import ConfigCommand
 
-HELP = "build a per-example gradient store of a dataset on Ray"
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("build", help=HELP, description=HELP)
-    p.add_argument("run_path", help="output directory (written as RUN_PATH.part, renamed at the end)")
-    add_dataclass_args(p, BuildConfig, skip=("run_path",))
-    p.set_defaults(func=run)
-
-
-def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    return build_dataclass(BuildConfig, args, **{"run.run_path": args.run_path})
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..pipelines.build import build
-
-    path = build(config_from_args(args))
-    print(f"gradient store written to {path}")
-    return 0
+COMMAND = ConfigCommand(
+    "build",
+    BuildConfig,
+    "build a per-example gradient store of a dataset on Ray",
+    "bergson_ray.pipelines.build:build",
+    "gradient store written to {}",
+)
+add_parser, config_from_args, run = COMMAND.add_parser, COMMAND.config_from_args, COMMAND.run

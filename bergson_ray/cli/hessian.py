@@ -1,31 +1,15 @@
-"""``bergson-ray hessian RUN_PATH --method kfac|tkfac|shampoo|autocorrelation ...``."""
+"""``bergson-ray hessian RUN_PATH ...``: Hessian factors on sharded accumulator actors."""
 
 from __future__ import annotations
 
-import argparse
+from ..config import HessianRunConfig
+from .command import ConfigCommand
 
-from ..hessians.config import HessianRunConfig
-from .args import add_dataclass_args, build_dataclass
-
-HELP = "fit a Hessian approximation (dense autocorrelation, or KFAC/TKFAC/Shampoo + EK-FAC) on Ray"
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("hessian", help=HELP, description=HELP)
-    p.add_argument(
-        "run_path", help="output directory (written as RUN_PATH.part, renamed at the end)"
-    )
-    add_dataclass_args(p, HessianRunConfig, skip=("run_path", "run.run_path"))
-    p.set_defaults(func=run)
-
-
-def config_from_args(args: argparse.Namespace) -> HessianRunConfig:
-    return build_dataclass(HessianRunConfig, args, **{"run.run_path": args.run_path})
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..pipelines.hessian import hessian
-
-    path = hessian(config_from_args(args))
-    print(f"Hessian written to {path}")
-    return 0
+COMMAND = ConfigCommand(
+    "hessian",
+    HessianRunConfig,
+    "fit a Hessian approximation (dense autocorrelation, or KFAC/TKFAC/Shampoo + EK-FAC) on Ray",
+    "bergson_ray.pipelines.hessian:hessian",
+    "Hessian written to {}",
+)
+add_parser, config_from_args, run = COMMAND.add_parser, COMMAND.config_from_args, COMMAND.run

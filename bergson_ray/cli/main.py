@@ -22,6 +22,9 @@ COMMANDS: dict[str, str] = {
     "score": "bergson_ray.cli.score",
     "hessian": "bergson_ray.cli.hessian",
     "ekfac": "bergson_ray.cli.ekfac",
+    "train": "bergson_ray.cli.train",
+    "validate": "bergson_ray.cli.validate",
+    "metasmoothness": "bergson_ray.cli.metasmoothness",
     "query": "bergson_ray.cli.query",
     "serve": "bergson_ray.cli.serve",
     "status": "bergson_ray.cli.status",
@@ -50,18 +53,44 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    document, log_level = _pipeline_document(argv)
+    if document is not None:
+        _setup_logging(log_level)
+        from .pipeline_file import run_document
+
+        return _guarded(lambda: run_document(document, COMMANDS))
     parser = make_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    _setup_logging(args.log_level)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return _guarded(lambda: args.func(args))
+
+
+def _pipeline_document(argv: list[str]) -> tuple[str | None, str]:
+    """``bergson-ray [--log_level L] FILE.yaml``: the document path and log level."""
+    from .pipeline_file import is_pipeline_argument
+
+    level = "INFO"
+    if len(argv) >= 2 and argv[0] == "--log_level":
+        level, argv = argv[1], argv[2:]
+    return is_pipeline_argument(argv), level
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _guarded(call) -> int:
+    """Run a command; a user error becomes one line on stderr and exit code 2."""
     try:
-        return int(args.func(args) or 0)
+        return int(call() or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import FaissConfig
 from ..errors import BadInputError
-from ..query.config import FaissConfig
 from .args import add_dataclass_args, build_dataclass
 
 HELP = "find the training documents most (or least) similar to query texts"
@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--index", default="", help="gradient store to search in this process")
     p.add_argument("--name", default="", help="ask the running service of this name instead")
     p.add_argument("--address", default=None, help="Ray cluster of the service (default: auto)")
-    p.add_argument("--namespace", default="bergson_ray")
+    p.add_argument(
+        "--namespace", default="bergson_ray", help="Ray namespace of the service's actors"
+    )
     p.add_argument("--query", action="append", default=[], help="query text (repeatable)")
     p.add_argument(
         "--completion",
@@ -34,10 +36,14 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--k", "--top_k", dest="k", type=int, default=10, help="hits per query")
     p.add_argument("--bottom_k", type=int, default=0, help="also show the k least similar")
-    p.add_argument("--format", choices=["text", "json", "csv"], default="text")
+    p.add_argument(
+        "--format", choices=["text", "json", "csv"], default="text", help="output format"
+    )
     p.add_argument("--record", default="", help="append every result to this CSV file")
     p.add_argument("--model", default="", help="override the store's model")
-    p.add_argument("--text_field", default="text")
+    p.add_argument(
+        "--text_field", default="text", help="column of the store's dataset shown with each hit"
+    )
     add_dataclass_args(p, FaissConfig)
     p.set_defaults(func=run)
 

@@ -10,10 +10,16 @@ HELP = "build the tiny default, index its corpus and show the nearest training d
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quickstart", help=HELP, description=HELP)
-    p.add_argument("--run_path", default="runs/quickstart")
-    p.add_argument("--projection_dim", type=int, default=16)
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument(
+        "--run_path", default="runs/quickstart", help="where the tiny store is written"
+    )
+    p.add_argument(
+        "--projection_dim", type=int, default=16, metavar="N", help="per-module projection size"
+    )
+    p.add_argument("--k", type=int, default=5, metavar="N", help="documents shown per prompt")
+    p.add_argument(
+        "--num_workers", type=int, default=0, metavar="N", help="gradient workers (0 = auto)"
+    )
     p.add_argument("--query", action="append", help="a prompt to attribute (repeatable)")
     p.set_defaults(func=run)
 

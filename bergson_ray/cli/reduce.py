@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-
 from ..config import BuildConfig
-from .args import add_dataclass_args, build_dataclass
+from .command import ConfigCommand
 
-HELP = "aggregate a dataset's gradients into one row (mean or sum) via a reducer actor"
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("reduce", help=HELP, description=HELP)
-    p.add_argument("run_path", help="output directory")
-    add_dataclass_args(p, BuildConfig, skip=("run_path",))
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..pipelines.reduce import reduce
-
-    cfg = build_dataclass(BuildConfig, args, **{"run.run_path": args.run_path})
-    print(f"aggregated gradient written to {reduce(cfg)}")
-    return 0
+COMMAND = ConfigCommand(
+    "reduce",
+    BuildConfig,
+    "aggregate a dataset's gradients into one row (mean or sum) via a reducer actor",
+    "bergson_ray.pipelines.reduce:reduce",
+    "aggregated gradient written to {}",
+)
+add_parser, config_from_args, run = COMMAND.add_parser, COMMAND.config_from_args, COMMAND.run

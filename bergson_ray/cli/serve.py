@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..query.config import ServeConfig
+from ..config import ServeConfig
 from .args import add_dataclass_args, build_dataclass
 
 HELP = "serve a gradient store for top-k queries (detached Ray actors)"

@@ -11,7 +11,9 @@ HELP = "list running query services"
 def add_parser(sub) -> None:
     p = sub.add_parser("status", help=HELP, description=HELP)
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or auto)")
-    p.add_argument("--namespace", default="bergson_ray")
+    p.add_argument(
+        "--namespace", default="bergson_ray", help="Ray namespace of the service's actors"
+    )
     p.add_argument("--all_namespaces", action="store_true", help="look in every namespace")
     p.add_argument("--json", action="store_true", help="print the full info as JSON")
     p.set_defaults(func=run)

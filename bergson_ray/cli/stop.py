@@ -11,7 +11,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("stop", help=HELP, description=HELP)
     p.add_argument("--name", required=True, help="service name given to `serve`")
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or auto)")
-    p.add_argument("--namespace", default="bergson_ray")
+    p.add_argument(
+        "--namespace", default="bergson_ray", help="Ray namespace of the service's actors"
+    )
     p.set_defaults(func=run)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from bergson_ray.config import DataConfig
 from bergson_ray.defaults.tiny import resolve_dataset
 from bergson_ray.errors import BadInputError
+from bergson_ray.utils.kv import parse_kv
 
 if TYPE_CHECKING:
     import datasets
@@ -32,38 +33,6 @@ FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv
 """File suffix -> ``datasets`` packaged builder."""
 
 _SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json")
-
-
-# ----------------------------------------------------------------------------- kwargs
-
-
-def parse_kwargs(text: str) -> dict[str, Any]:
-    """Parse ``k=v,k2=v2`` into a dict; values become int/float/bool/None where they look
-    like one, ``a|b`` becomes a list, anything else stays a string."""
-    out: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise BadInputError(f"malformed key=value pair {item!r} in {text!r}")
-        out[key.strip()] = (
-            [_parse_scalar(v) for v in value.split("|")] if "|" in value else _parse_scalar(value)
-        )
-    return out
-
-
-def _parse_scalar(value: str) -> Any:
-    v = value.strip()
-    lowered = v.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 # ----------------------------------------------------------------------------- splits
@@ -182,7 +151,7 @@ def load_dataset_rows(cfg: DataConfig) -> datasets.Dataset:
     """
     name = resolve_dataset(cfg.dataset)
     local = Path(os.path.expanduser(name))
-    kwargs = parse_kwargs(cfg.data_kwargs)
+    kwargs = parse_kv(cfg.data_kwargs, "--data_kwargs")
     if local.is_dir():
         if _is_save_to_disk_dir(local):
             ds = _load_save_to_disk(local, cfg.split)
@@ -250,7 +219,7 @@ def _role(message: Any) -> Any:
     return message.get("role") if isinstance(message, dict) else None
 
 
-class RowSource:
+class DatasetRows:
     """Lazily opened dataset reader that can be pickled into Ray workers.
 
     Only the config travels; each process opens the (memory-mapped) dataset itself on

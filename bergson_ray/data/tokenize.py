@@ -177,7 +177,7 @@ def tokenize_rows(
     ``max_length``: documents longer than this are cut (``cfg.truncation``) or rejected
     with :class:`BadInputError` naming the row; ``None`` disables the check.
     ``row_ids`` (dataset positions of the rows) only make error messages precise.
-    An ``advantage`` column in ``rows`` (see ``RowSource``) sets each doc's advantage.
+    An ``advantage`` column in ``rows`` (see ``DatasetRows``) sets each doc's advantage.
     Empty documents are returned as-is; what to do with them is the caller's call.
     """
     if cfg.completion_column and cfg.conversation_column:

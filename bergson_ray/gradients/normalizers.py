@@ -92,18 +92,6 @@ class AdafactorNormalizer:
 Normalizer = AdamNormalizer | AdafactorNormalizer
 
 
-def normalizer_from_state(kind: str, tensors: dict[str, torch.Tensor]) -> Normalizer:
-    """Rebuild a normalizer from its saved class name and tensor fields (bergson's keys)."""
-    t = {k: v for k, v in tensors.items() if v is not None}
-    if "avg_sq" in t and "weight_avg_sq" not in t:  # bergson's legacy key
-        t["weight_avg_sq"] = t.pop("avg_sq")
-    if kind.startswith("Adam"):
-        return AdamNormalizer(t["weight_avg_sq"].float(), _opt(t.get("bias_avg_sq")))
-    if kind.startswith("Adafactor"):
-        return AdafactorNormalizer(t["row"].float(), t["col"].float(), _opt(t.get("bias_avg_sq")))
-    raise BadInputError(f"unknown normalizer class {kind!r}")
-
-
 def _opt(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.float()
 

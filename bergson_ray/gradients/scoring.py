@@ -13,6 +13,7 @@ import torch
 
 from ..config import PreprocessConfig
 from ..errors import BadInputError
+from ..utils.columns import column_offsets
 from .preprocess import hessian_power, unit_normalize
 
 
@@ -20,10 +21,7 @@ def select_columns(
     rows: torch.Tensor, have: dict[str, int], want: dict[str, int], what: str = "query store"
 ) -> torch.Tensor:
     """Columns of ``rows`` (laid out per ``have``) for the modules of ``want``, in its order."""
-    offsets, start = {}, 0
-    for name, size in have.items():
-        offsets[name] = (start, size)
-        start += size
+    offsets = column_offsets(have)
     parts = []
     for name, size in want.items():
         if name not in offsets:
@@ -32,7 +30,8 @@ def select_columns(
                 f"{what} has no module {name!r} (it holds {len(have)} modules, e.g. {sample}); "
                 "build it with the same model and --modules/--filter_modules"
             )
-        lo, have_size = offsets[name]
+        lo, hi = offsets[name]
+        have_size = hi - lo
         if have_size != size:
             raise BadInputError(
                 f"{what} stores {have_size} values for {name} but this run makes {size}: "

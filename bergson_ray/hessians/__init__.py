@@ -8,7 +8,6 @@ One job per module:
 * ``ev_correction`` — EK-FAC eigenvalues: per-sequence gradients in the Kronecker eigenbasis
 * ``fisher`` — the true-Fisher (sampled labels) / empirical-Fisher loss
 * ``fitter`` — taps a model and feeds each batch to the accumulators
-* ``runner`` — dataset rows -> pre-summed statistics (one worker's job)
 * ``eigen`` / ``factored`` — fp64 eigendecompositions, eigenvalue grids, recomposition
 * ``inversion`` / ``preconditioner`` — regularised ``H^-1`` / ``H^-1/2`` applied to gradients
 * ``factored_io`` — bergson's sharded safetensors layout (any shard count)

@@ -2,8 +2,8 @@
 
 One subdirectory per quantity, each holding ``shard_{k}.safetensors`` files that
 map module name -> the ``k``-th block of rows of that module's tensor. Rows are
-split with :func:`shard_bounds` (shard 0 takes the remainder), so concatenating
-the shards in order along dim 0 gives the full tensor whatever their number.
+split with :func:`shard_bounds_remainder_first` (shard 0 takes the remainder), so
+concatenating the shards in order along dim 0 gives the full tensor whatever their number.
 ``factor_eig_a`` is the exception: every shard holds the full ``[I']`` vector.
 
 Our ``K`` HessianShard actors each own whole modules; file ``k`` therefore gets
@@ -52,7 +52,7 @@ __all__ = [
     "is_factored_dir",
     "read_factored",
     "read_total_processed",
-    "shard_bounds",
+    "shard_bounds_remainder_first",
     "shard_slices",
     "write_info",
     "write_shard_file",
@@ -65,7 +65,7 @@ def is_factored_dir(path: str | Path) -> bool:
     return (Path(path) / SUBDIRS["q_a"]).is_dir()
 
 
-def shard_bounds(dim: int, rank: int, world: int) -> tuple[int, int]:
+def shard_bounds_remainder_first(dim: int, rank: int, world: int) -> tuple[int, int]:
     """Rows ``[start, end)`` of shard ``rank`` of ``world``; shard 0 takes the remainder."""
     base, rem = divmod(dim, world)
     if rank == 0:
@@ -85,7 +85,7 @@ def shard_slices(
             if t is None:
                 continue
             if field not in REPLICATED:
-                lo, hi = shard_bounds(t.shape[0], rank, world)
+                lo, hi = shard_bounds_remainder_first(t.shape[0], rank, world)
                 t = t[lo:hi]
             out.setdefault(subdir, {})[name] = t.detach().to("cpu").contiguous().clone()
     return out
@@ -115,16 +115,6 @@ def write_shard_file(
 def write_info(root: str | Path, info: Mapping) -> None:
     """Our metadata (method, counts, shapes); bergson ignores it, our reader uses it if present."""
     Path(root, INFO_FILE).write_text(json.dumps(dict(info), indent=2, sort_keys=True) + "\n")
-
-
-def read_info(root: str | Path) -> dict:
-    path = Path(root, INFO_FILE)
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{path} is not valid JSON: {e}") from e
 
 
 def _shard_files(directory: Path) -> list[Path]:

@@ -19,13 +19,14 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..config import GradientConfig
+from ..config import GradientConfig, HessianConfig
 from ..gradients.hooks import InputGradSwitch, ModuleTaps
 from ..gradients.losses import collection_mask
 from ..gradients.modules import find_target_modules, weight_shape
+from ..utils.columns import column_offsets
+from ..utils.dtypes import torch_dtype
 from .accumulator import SummedState
 from .autocorrelation import GramAccumulator
-from .config import HessianConfig, torch_dtype
 from .ev_correction import EigenCorrectionAccumulator
 from .fisher import fisher_loss
 from .specs import ModuleSpec, empty_factor_accumulators
@@ -164,10 +165,8 @@ class GramFitter:
 
     def add_rows(self, rows: torch.Tensor, num_rows: int | None = None) -> None:
         """Split flat ``[R, D]`` rows by ``grad_sizes`` and add each block's Gram."""
-        start = 0
-        for name, size in self.engine.grad_sizes.items():
-            self.accumulators[name].update_rows(rows[:, start : start + size], num_rows)
-            start += size
+        for name, (lo, hi) in column_offsets(self.engine.grad_sizes).items():
+            self.accumulators[name].update_rows(rows[:, lo:hi], num_rows)
 
     def add_empty_rows(self, n: int) -> None:
         """Rows that exist but are zero (documents with < 2 tokens)."""

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import BadInputError
+from ..utils.columns import column_offsets
 from .factored import KroneckerFactors
 from .inversion import check_power, eigen_multiplier
 
@@ -95,10 +96,10 @@ class Preconditioner(ABC):
             raise BadInputError(
                 f"grad_sizes add up to {sum(grad_sizes.values())} columns, rows have {grads.shape[-1]}"
             )
-        parts, start = [], 0
-        for name, size in grad_sizes.items():
-            parts.append(self.apply_module(name, grads[..., start : start + size], power))
-            start += size
+        parts = [
+            self.apply_module(name, grads[..., lo:hi], power)
+            for name, (lo, hi) in column_offsets(grad_sizes).items()
+        ]
         return torch.cat(parts, dim=-1)
 
 

@@ -18,9 +18,10 @@ from collections.abc import Mapping
 
 import torch
 
+from ..config import HessianConfig
+from ..utils.dtypes import torch_dtype
 from .accumulator import COUNT, SummedState
 from .autocorrelation import GramAccumulator
-from .config import HessianConfig, torch_dtype
 from .eigen import eigh_fp64
 from .factored import KroneckerFactors, fit_kronecker
 from .factored_io import shard_slices

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..config import HessianConfig
+from ..utils.dtypes import torch_dtype
 from .accumulator import SummedState
-from .config import HessianConfig, torch_dtype
 from .methods import make_factor_accumulator
 
 
@@ -32,9 +33,6 @@ class ModuleSpec:
         """Eigendecomposition work (``d³``) of the two factors."""
         return self.in_dim**3 + self.out_features**3
 
-    @property
-    def factor_bytes_per_elem(self) -> int:
-        return self.in_dim**2 + self.out_features**2
 
 
 def empty_factor_accumulators(

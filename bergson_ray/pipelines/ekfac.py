@@ -18,58 +18,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from ..config import (
-    BatchConfig,
     BuildConfig,
-    DataConfig,
-    GradientConfig,
-    ModelConfig,
+    EkfacRunConfig,
+    HessianRunConfig,
     PreprocessConfig,
-    RayConfig,
     RunConfig,
     ScoreConfig,
     ScoreRunConfig,
+    as_config,
 )
 from ..errors import BadInputError
-from ..hessians.config import HessianConfig, HessianRunConfig
-from .build import as_config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EkfacRunConfig:
-    """bergson's ``ekfac`` (HessianPipelineConfig) on Ray."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    """Training data: fits the Hessian and is scored."""
-    query: DataConfig = field(default_factory=lambda: DataConfig(dataset=""))
-    """Query data (``--query.dataset``...); with the tiny default, its query set."""
-    grad: GradientConfig = field(default_factory=GradientConfig)
-    """Index settings of the scoring pass (the Hessian and query use full gradients)."""
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    hessian: HessianConfig = field(
-        default_factory=lambda: HessianConfig(method="kfac", ev_correction=True)
-    )
-    query_aggregation: Literal["mean", "sum", "none"] = "mean"
-    """``none`` keeps one score column per query."""
-    inversion: Literal[
-        "damped_inverse", "tikhonov_filtered", "pseudoinverse", "factored_tikhonov"
-    ] = "damped_inverse"
-    damping_factor: float = 0.1
-    apply_batch_size: int = 32
-    """Query rows preconditioned at once."""
-    ray: RayConfig = field(default_factory=RayConfig)
-    skip_short_docs: bool = False
 
 
 def _step(root: Path, name: str, overwrite: bool) -> tuple[Path, bool]:
@@ -123,10 +89,11 @@ def precondition_query(
     from ..gradients.projection import ProjectionCache
     from ..hessians.factored_io import read_factored
     from ..hessians.preconditioner import FactoredPreconditioner
-    from ..store.gradient_store import GradientStore, GradientStoreWriter
+    from ..store.gradient_store import GradientStore
+    from ..store.gradient_writer import GradientStoreWriter
     from ..store.processor import ProcessorConfig, save_processor
     from ..store.run_dir import RunDir
-    from .common import plan_layout
+    from .stages import plan_layout
 
     store = GradientStore.open(query_path)
     factors = read_factored(hessian_path)
@@ -155,13 +122,10 @@ def precondition_query(
     writer = GradientStoreWriter(
         run.part, num_items=store.num_grads, grad_sizes=target, dtype="float32"
     )
-    offsets, start = {}, 0
-    for name, size in store.grad_sizes.items():
-        offsets[name] = (start, size)
-        start += size
+    columns = store.column_offsets
     for name in target:
         o, i = factors[name].shape
-        if offsets.get(name, (0, -1))[1] != o * i:
+        if store.grad_sizes.get(name) != o * i:
             raise BadInputError(
                 f"query store {query_path} has no full {o}x{i} gradient for {name}; "
                 "it must be built with --projection_dim 0 and the same --include_bias"
@@ -170,8 +134,8 @@ def precondition_query(
         rows = store.rows(np.arange(lo, min(lo + cfg.apply_batch_size, store.num_grads))).float()
         blocks = []
         for name in target:
-            a, size = offsets[name]
-            g = pre.apply_module(name, rows[:, a : a + size], -1.0)
+            a, b = columns[name]
+            g = pre.apply_module(name, rows[:, a:b], -1.0)
             if proj is not None:
                 o, i = factors[name].shape
                 left = proj.get(name, "left", p, o, torch.float32, "cpu")
@@ -206,8 +170,6 @@ def ekfac(cfg: EkfacRunConfig | dict | None = None, **overrides) -> Path:
     cfg = as_config(EkfacRunConfig, cfg, **overrides)
     if not cfg.run.run_path:
         raise BadInputError("run_path is required")
-    if not cfg.hessian.factored:
-        raise BadInputError("ekfac needs a factored --method (kfac, tkfac or shampoo)")
     if not cfg.query.dataset:
         if cfg.data.dataset != "tiny":
             raise BadInputError("--query.dataset is required")
@@ -237,7 +199,12 @@ def ekfac(cfg: EkfacRunConfig | dict | None = None, **overrides) -> Path:
             preprocess=PreprocessConfig(),
             ray=cfg.ray,
             skip_short_docs=cfg.skip_short_docs,
-            score=ScoreConfig(query_path=str(tpath), score="individual", higher_is_better=True),
+            score=ScoreConfig(
+                query_path=str(tpath),
+                score="individual",
+                higher_is_better=True,
+                query_batch_size=cfg.query_batch_size,
+            ),
         )
     )
     log.info("ekfac: done in %.1fs -> %s", time.perf_counter() - t0, spath)

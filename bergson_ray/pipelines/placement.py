@@ -1,16 +1,12 @@
-"""Where gradient workers run on a multi-node cluster, and what they report back.
+"""Where gradient workers run on a multi-node cluster.
 
 * :func:`map_workers` is the one place a pipeline turns its index dataset into a pool
-  of workers: Ray Data creates pool actors with the ``SPREAD`` strategy (its default,
-  ``DataContext.scheduling_strategy``), so they land on as many nodes as possible;
-  ``--worker_resources`` / ``--worker_labels`` pin them to node types (custom
-  resources or node labels); ``--fsdp`` swaps each worker for a sharded group
-  (``actors/fsdp_worker.py``) whose ranks a placement group keeps together.
-* :func:`instrumented` wraps the worker class so each worker re-checks, on its own
-  node, that it sees the run directory (autoscaled nodes join after the driver's
-  up-front check), turns start-up errors into the ``error`` column the driver
-  re-raises, and tags each output row with its node id (``rows_per_node`` in the
-  summary, and the proof that work really was spread).
+  of BatchWorkers (``actors/batch_worker.py``): Ray Data creates pool
+  actors with the ``SPREAD`` strategy (its default, ``DataContext.scheduling_strategy``),
+  so they land on as many nodes as possible; ``--worker_resources`` / ``--worker_labels``
+  pin them to node types (custom resources or node labels); ``--fsdp`` makes each
+  worker lead a sharded group (``runners/sharded.py``) whose ranks a placement group
+  keeps together.
 * :func:`gpu_capacity` tells "no GPUs right now" apart from "no GPUs ever" on an
   autoscaling cluster.
 """
@@ -20,9 +16,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
-
-from ..errors import BadInputError, BergsonRayError, encode_error
+from ..errors import BadInputError
+from ..utils.kv import parse_kv
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +25,8 @@ FSDP_LEADER_CPUS = 0.0
 """The leader of a sharded group only ships row ids and results; its ranks hold the CPUs/GPUs."""
 
 
-def parse_kv(text: str, what: str, cast=float) -> dict[str, Any]:
-    """``"a=1,b=0.5"`` -> ``{"a": 1.0, "b": 0.5}``."""
-    out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in (text or "").split(","))):
-        key, sep, val = part.partition("=")
-        if not sep or not key.strip():
-            raise BadInputError(f"--{what}: expected name=value pairs, got {part!r}")
-        try:
-            out[key.strip()] = cast(val.strip())
-        except ValueError as err:
-            raise BadInputError(f"--{what}: bad value in {part!r}: {err}") from err
-    return out
-
-
 def worker_resources(ray_cfg) -> dict[str, float]:
-    res = parse_kv(getattr(ray_cfg, "worker_resources", ""), "worker_resources")
+    res = parse_kv(getattr(ray_cfg, "worker_resources", ""), "--worker_resources", cast=float)
     for key in ("CPU", "GPU", "memory"):
         if key in res:
             raise BadInputError(
@@ -55,7 +36,7 @@ def worker_resources(ray_cfg) -> dict[str, float]:
 
 
 def worker_labels(ray_cfg) -> dict[str, str]:
-    return parse_kv(getattr(ray_cfg, "worker_labels", ""), "worker_labels", cast=str)
+    return parse_kv(getattr(ray_cfg, "worker_labels", ""), "--worker_labels", cast=str)
 
 
 def gpu_capacity() -> tuple[int, int]:
@@ -74,41 +55,47 @@ def gpu_capacity() -> tuple[int, int]:
     return now, max(now, possible)
 
 
-def map_workers(ds, worker_cls: type, ctor_kwargs: dict, ray_cfg, pool, *, probe=None):
-    """``ds.map_batches`` with a pool of ``worker_cls`` placed for this cluster.
+def map_workers(ds, spec, output, ray_cfg, pool, *, probe=None, faults=None):
+    """``ds.map_batches(BatchWorker)`` with a pool placed for this cluster.
 
-    ``pool`` is the :class:`~bergson_ray.pipelines.common.PoolPlan`; ``probe`` the
-    storage probe every worker re-checks on its node (None skips it).
+    ``spec`` is the :class:`~bergson_ray.runners.gradient_runner.RunnerSpec`, ``output``
+    one of ``actors/batch_worker.py``'s outputs, ``pool`` the
+    :class:`~bergson_ray.pipelines.stages.PoolPlan`, ``probe`` the storage probe every
+    worker re-checks on its node (None skips it), ``faults`` a test-only
+    :class:`~bergson_ray.testing.faults.FaultPlan`.
     """
     import ray
 
+    from ..actors.batch_worker import BatchWorker
+    from ..runners.gradient_runner import OneProcess
+
     resources = worker_resources(ray_cfg)
     labels = worker_labels(ray_cfg)
-    kwargs = dict(ctor_kwargs)
     num_cpus, num_gpus = pool.num_cpus, pool.num_gpus
+    runner = OneProcess(pool.torch_threads)
     if ray_cfg.fsdp:
-        from ..actors.fsdp_worker import group_plan, sharded_class
+        from ..runners.sharded import group_plan
 
-        kwargs["group"] = group_plan(ray_cfg, pool, resources, labels)
-        worker_cls = sharded_class(worker_cls)
+        runner = group_plan(ray_cfg, pool, resources, labels)
         num_cpus, num_gpus, resources, labels = FSDP_LEADER_CPUS, 0, {}, {}
-    kwargs["_probe"] = probe
     extra: dict[str, Any] = {}
     if resources:
         extra["resources"] = resources
     if labels:
         extra["label_selector"] = labels
     log.info(
-        "worker pool: %d x %s (cpus %.2f, gpus %.2f%s%s)",
+        "worker pool: %d x %s (%s, cpus %.2f, gpus %.2f%s%s)",
         pool.size,
-        worker_cls.__name__,
+        type(output).__name__,
+        type(runner).__name__,
         num_cpus,
         num_gpus,
         f", resources {resources}" if resources else "",
         f", labels {labels}" if labels else "",
     )
+    kwargs = dict(spec=spec, output=output, runner=runner, probe=probe, faults=faults)
     return ds.map_batches(
-        instrumented(worker_cls),
+        BatchWorker,
         fn_constructor_kwargs=kwargs,
         batch_size=ray_cfg.window_size,
         batch_format="numpy",
@@ -119,50 +106,6 @@ def map_workers(ds, worker_cls: type, ctor_kwargs: dict, ray_cfg, pool, *, probe
     )
 
 
-_WRAPPED: dict[type, type] = {}
-
-
-def instrumented(cls: type) -> type:
-    """Subclass of a worker UDF adding the node check, start-up error capture and a
-    ``node`` column (same class name, so Ray's actor names stay readable)."""
-    if cls in _WRAPPED:
-        return _WRAPPED[cls]
-
-    def __init__(self, *args, _probe=None, **kwargs):
-        import ray
-
-        self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        self._init_error = None
-        self._trace = dict(kwargs.get("chaos") or {})
-        self._batches = 0
-        try:
-            from .storage import verify_probe
-
-            verify_probe(_probe)
-            cls.__init__(self, *args, **kwargs)
-        except BergsonRayError as err:
-            # Raised from __init__, Ray reports only "actor died in its creation task";
-            # as an error column the driver re-raises the user's own message.
-            log.error("worker start-up failed: %s", err)
-            self._init_error = encode_error(err)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        idx = np.asarray(batch["idx"])
-        if self._init_error is not None:
-            return {"idx": idx, "error": np.array([self._init_error] * len(idx))}
-        out = cls.__call__(self, batch)
-        out["node"] = np.full(len(out["idx"]), self._node)
-        self._batches += 1
-        _trace(self._trace, self._node, self._batches)
-        return out
-
-    wrapped = type(cls.__name__, (cls,), {"__init__": __init__, "__call__": __call__})
-    wrapped.__qualname__ = cls.__qualname__
-    wrapped.__doc__ = cls.__doc__
-    _WRAPPED[cls] = wrapped
-    return wrapped
-
-
 def driver_node_strategy():
     """Keep a stateful helper (e.g. the reducer) on the driver's node, which outlives
     worker nodes: losing it would lose its in-memory state."""
@@ -170,16 +113,3 @@ def driver_node_strategy():
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-
-
-def _trace(chaos: dict, node: str, batches: int) -> None:
-    """Test hooks in ``_chaos``: ``delay_s`` slows every batch down (so a test can act
-    mid-run); ``trace_dir`` gets one file per finished batch, named after the node."""
-    import os
-    import time
-
-    if chaos.get("delay_s"):
-        time.sleep(float(chaos["delay_s"]))
-    if chaos.get("trace_dir"):
-        path = os.path.join(chaos["trace_dir"], f"{node}.{os.getpid()}.{batches}")
-        open(path, "w").close()

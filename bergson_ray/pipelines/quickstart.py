@@ -1,8 +1,9 @@
 """The quickstart: tiny model -> gradient store on local Ray -> nearest training docs.
 
 Everything is built locally (no hub access): the embedded tiny GPT-NeoX, its BPE
-tokenizer and the pydoc corpus. The search at the end is an exact cosine scan of
-the store, done in-process with the same engine the workers used.
+tokenizer and the pydoc corpus. The search at the end is an exact cosine search of
+the store, done in-process by :class:`~bergson_ray.query.attributor.Attributor` with the
+same engine the workers used.
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from ..config import TINY, BuildConfig, DataConfig, GradientConfig, ModelConfig, RunConfig
 
@@ -31,47 +29,16 @@ class Hit:
     text: str
 
 
-def query_rows(store_path: Path, texts: list[str]) -> torch.Tensor:
-    """Query gradients made exactly like the store's rows (same config.yaml settings)."""
-    from ..config_io import load_step_config
-    from ..data.batching import collate
-    from ..data.tokenize import tokenize_rows
-    from ..gradients.engine import GradientEngine
-    from ..gradients.model_loading import load_model
+def nearest_docs(store_path: str | Path, prompts: list[str], k: int) -> list[list[Hit]]:
+    """Exact cosine top-k over the store, with query gradients made the way its rows were
+    (same ``config.yaml`` settings, optimizer normalizers included)."""
+    from ..query.attributor import Attributor
 
-    cfg = load_step_config(store_path, BuildConfig, "build")
-    model, tok = load_model(cfg.model)
-    engine = GradientEngine(model, cfg.grad)
-    docs = tokenize_rows({cfg.data.prompt_column: list(texts)}, tok, cfg.data, None)
-    return torch.cat([engine.compute(collate([d])).rows.float() for d in docs])
-
-
-def top_k_cosine(store_path: Path, queries: torch.Tensor, k: int) -> list[list[Hit]]:
-    """Exact cosine top-k, streaming the store in chunks (memory flat in store size)."""
-    from ..store.gradient_store import GradientStore
-
-    store = GradientStore.open(store_path)
-    q = queries / queries.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    best_s = torch.full((len(q), 0), -np.inf)
-    best_i = torch.zeros((len(q), 0), dtype=torch.long)
-    for chunk in store.iter_chunks(4096):
-        rows = chunk.rows
-        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        s = q @ rows.T
-        best_s = torch.cat([best_s, s], dim=1)
-        best_i = torch.cat([best_i, torch.arange(chunk.start, chunk.start + len(rows)).expand(len(q), -1)], 1)
-        top = best_s.topk(min(k, best_s.shape[1]), dim=1)
-        best_s, best_i = top.values, best_i.gather(1, top.indices)
-    data = store.data
-    text_col = "text" if data is not None and "text" in data.column_names else None
-    out = []
-    for qi in range(len(q)):
-        hits = []
-        for s, i in zip(best_s[qi].tolist(), best_i[qi].tolist()):
-            text = data[int(i)][text_col] if text_col else ""
-            hits.append(Hit(int(i), float(s), text))
-        out.append(hits)
-    return out
+    attr = Attributor(store_path, unit_norm=True, save=False)  # Flat index: exact search
+    return [
+        [Hit(int(i), float(s), t or "") for i, s, t in zip(r.ids, r.scores, r.texts)]
+        for r in attr.query(list(prompts), k=k)
+    ]
 
 
 def quickstart(
@@ -95,7 +62,7 @@ def quickstart(
     )
     cfg.ray.num_workers = num_workers
     store = build(cfg)
-    return top_k_cosine(store, query_rows(store, list(prompts)), k)
+    return nearest_docs(store, list(prompts), k)
 
 
 def format_hits(prompts, results: list[list[Hit]], width: int = 110) -> str:

@@ -16,25 +16,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import BuildConfig
+from ..config import BuildConfig, as_config
 from ..errors import BadInputError
-from .build import Progress, as_config, open_dataset, runner_spec, validate
-from .common import configure_data_context, plan_layout, run_workers, stream, worker_pool
+from ..testing.faults import FaultPlan
+from .stages import (
+    PROGRESS_DIR,
+    Progress,
+    configure_data_context,
+    open_dataset,
+    plan_layout,
+    run_workers,
+    runner_spec,
+    stream,
+    validate_build,
+    worker_pool,
+)
 from .storage import remote_output
 
 log = logging.getLogger(__name__)
 
 
 @remote_output(BuildConfig)  # s3:// / gs:// run paths: stage locally, upload when done
-def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None, **overrides) -> Path:
+def reduce(
+    cfg: BuildConfig | dict | None = None, *, faults: FaultPlan | None = None, **overrides
+) -> Path:
     """Aggregate a dataset's (preprocessed) gradients into one row; returns the run dir."""
     import datasets
     import ray
 
-    from ..actors.reduce_worker import ReduceWorker
+    from ..actors.batch_worker import PartialSums
     from ..actors.reducer import Reducer
     from ..gradients.preprocess import unit_normalize
-    from ..store.gradient_store import GradientStoreWriter
+    from ..store.gradient_writer import GradientStoreWriter
     from ..store.processor import ProcessorConfig, save_processor, write_total_processed
     from ..store.run_dir import RunDir
     from ..utils.metrics import StageMonitor
@@ -47,7 +60,7 @@ def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None,
         cfg.preprocess = dataclasses.replace(cfg.preprocess, aggregation="mean")
     if cfg.grad.attribute_tokens:
         raise BadInputError("reduce aggregates documents; it cannot be combined with attribute_tokens")
-    validate(cfg)
+    validate_build(cfg)
     if cfg.run.resume:
         log.warning("reduce keeps its running sum in memory: --resume recomputes from scratch")
     run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite or cfg.run.resume)
@@ -60,12 +73,12 @@ def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None,
 
     init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
     configure_data_context()
-    probe = cluster_probe(part, cfg.data, cfg.model)  # fail fast: every node sees the run
+    probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
     pool = worker_pool(cfg.ray)
     reducer = Reducer.options(scheduling_strategy=driver_node_strategy()).remote(n, layout.dim)
     spec = runner_spec(cfg, pool.device, advantages)
-    out_ds = run_workers(np.arange(n), ReduceWorker, cfg.ray, pool, spec=spec, reducer=reducer,
-                         chaos=_chaos, probe=probe)
+    sums = PartialSums(reducer)
+    out_ds = run_workers(np.arange(n), spec, sums, cfg.ray, pool, probe=probe, faults=faults)
     monitor = StageMonitor("reduce", n, n, run=run.final.name)
     for out in stream(out_ds, n, "reduce", monitor=monitor):
         progress.update(out)
@@ -85,7 +98,7 @@ def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None,
     writer.write_rows([0], row)
     writer.close()
     datasets.Dataset.from_dict({"query_index": [0]}).save_to_disk(str(part / "data.hf"))
-    from ..config_io import build_step_body  # ours + bergson's index_cfg/preprocess_cfg
+    from ..store.config_yaml import build_step_body  # ours + bergson's index_cfg/preprocess_cfg
 
     # a reduce store is a (one-row) build store; bergson's score reads its preprocess_cfg
     run.write_config(build_step_body(cfg), command="build")
@@ -103,5 +116,5 @@ def reduce(cfg: BuildConfig | dict | None = None, *, _chaos: dict | None = None,
             **monitor.summary(),
         }
     )
-    shutil.rmtree(part / "progress", ignore_errors=True)
+    shutil.rmtree(part / PROGRESS_DIR, ignore_errors=True)
     return Path(run.commit())

@@ -19,15 +19,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import BuildConfig, PreprocessConfig, ScoreRunConfig
+from ..config import BuildConfig, PreprocessConfig, ScoreRunConfig, as_config
 from ..errors import BadInputError, StoreError
-from .build import Progress, as_config, open_dataset, runner_spec, token_offsets, write_data_hf
-from .common import configure_data_context, plan_layout, run_workers, stream, worker_pool
+from ..testing.faults import FaultPlan
+from ..utils.dtypes import torch_dtype
+from .stages import (
+    PROGRESS_DIR,
+    Progress,
+    configure_data_context,
+    open_dataset,
+    plan_layout,
+    run_workers,
+    runner_spec,
+    stream,
+    token_offsets,
+    worker_pool,
+    write_data_hf,
+)
 from .storage import localize_store, remote_output
 
 log = logging.getLogger(__name__)
-
-SCORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def check_query_compatible(query_path: Path, cfg: ScoreRunConfig) -> None:
@@ -65,7 +76,7 @@ def check_query_compatible(query_path: Path, cfg: ScoreRunConfig) -> None:
 
 def query_preprocess_done(query_path: Path) -> PreprocessConfig | None:
     """What the query store's own build already applied (None for stores we can't read)."""
-    from ..config_io import load_step_config
+    from ..store.config_yaml import load_step_config
 
     try:
         return load_step_config(query_path, BuildConfig).preprocess
@@ -120,56 +131,18 @@ def index_side_preprocess(pre: PreprocessConfig) -> PreprocessConfig:
     )
 
 
-def streaming_topk(scores, k: int, bottom_k: int, chunk: int = 1 << 16):
-    """Row ids of the k best / bottom_k worst rows per column, reading ``scores`` in chunks."""
-    n, q = scores.shape
-    top = [np.zeros(0, np.int64) for _ in range(q)]
-    bot = [np.zeros(0, np.int64) for _ in range(q)]
-    top_v = [np.zeros(0, np.float32) for _ in range(q)]
-    bot_v = [np.zeros(0, np.float32) for _ in range(q)]
-    for lo in range(0, n, chunk):
-        block = np.asarray(scores[lo : lo + chunk], dtype=np.float32)
-        ids = np.arange(lo, lo + len(block))
-        for j in range(q):
-            for keep, vals, idx, largest in ((k, top_v, top, True), (bottom_k, bot_v, bot, False)):
-                if keep <= 0:
-                    continue
-                v = np.concatenate([vals[j], block[:, j]])
-                i = np.concatenate([idx[j], ids])
-                order = np.argsort(-v if largest else v, kind="stable")[:keep]
-                vals[j], idx[j] = v[order], i[order]
-    return top, top_v, bot, bot_v
-
-
-def write_topk(part: Path, store_scores, texts, k: int, bottom_k: int) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    top, top_v, bot, bot_v = streaming_topk(store_scores, k, bottom_k)
-    rows = {"query": [], "rank": [], "direction": [], "row": [], "score": [], "text": []}
-    for q in range(len(top)):
-        for direction, ids, vals in (("top", top[q], top_v[q]), ("bottom", bot[q], bot_v[q])):
-            for rank, (r, s) in enumerate(zip(ids.tolist(), vals.tolist()), 1):
-                rows["query"].append(q)
-                rows["rank"].append(rank)
-                rows["direction"].append(direction)
-                rows["row"].append(r)
-                rows["score"].append(s)
-                rows["text"].append(texts(r) if texts else "")
-    path = part / "top_k.parquet"
-    pq.write_table(pa.table(rows), path)
-    return path
-
-
 @remote_output(ScoreRunConfig)  # s3:// / gs:// run paths: stage locally, upload when done
-def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = None, **overrides) -> Path:
+def score(
+    cfg: ScoreRunConfig | dict | None = None, *, faults: FaultPlan | None = None, **overrides
+) -> Path:
     """Score a dataset against ``query_path``; returns the finished run directory."""
     import ray
 
-    from ..actors.score_worker import ScoreWorker
+    from ..actors.batch_worker import Scores
     from ..store.processor import ProcessorConfig, save_processor, write_total_processed
     from ..store.run_dir import RunDir
-    from ..store.score_store import ScoreWriter
+    from ..store.score_writer import ScoreWriter
+    from ..store.topk import TOPK_PARQUET, write_topk_parquet
     from ..utils.metrics import StageMonitor, dir_bytes
     from ..utils.ray_env import init_ray
     from .storage import cluster_probe
@@ -195,7 +168,8 @@ def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = Non
     else:
         offsets = token_offsets(cfg, ds) if per_token else None
         writer = ScoreWriter(
-            part, offsets[-1] if per_token else n, cols, SCORE_DTYPES[cfg.score.score_precision],
+            part, offsets[-1] if per_token else n, cols,
+            torch_dtype(cfg.score.score_precision, "--score_precision"),
             attribute_tokens=per_token, offsets=offsets,
         )
         body = dataclasses.asdict(cfg)
@@ -209,16 +183,12 @@ def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = Non
     if len(todo):
         init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
         configure_data_context()
-        probe = cluster_probe(part, cfg.data, cfg.model)  # fail fast: every node sees the run
+        probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
         pool = worker_pool(cfg.ray)
         index_cfg = dataclasses.replace(cfg, preprocess=index_side_preprocess(cfg.preprocess))
         spec = runner_spec(index_cfg, pool.device, advantages)
-        qref = ray.put(query.numpy())
-        out_ds = run_workers(
-            todo, ScoreWorker, cfg.ray, pool, spec=spec, query={"ref": qref},
-            mode=cfg.score.score, query_batch_size=cfg.score.query_batch_size, chaos=_chaos,
-            probe=probe,
-        )
+        scores = Scores(ray.put(query.numpy()), cfg.score.score, cfg.score.query_batch_size)
+        out_ds = run_workers(todo, spec, scores, cfg.ray, pool, probe=probe, faults=faults)
         for k, out in enumerate(stream(out_ds, len(todo), "score", monitor=monitor)):
             progress.update(out)  # first: a row marked written must have its loss/length
             if per_token:
@@ -242,7 +212,9 @@ def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = Non
     if cfg.score.top_k > 0 or cfg.score.bottom_k > 0:
         col = cfg.data.prompt_column
         texts = (lambda r: str(ds[int(r)][col])) if col in ds.column_names and not per_token else None
-        write_topk(part, ScoreColumns(writer), texts, cfg.score.top_k, cfg.score.bottom_k)
+        write_topk_parquet(
+            part / TOPK_PARQUET, ScoreColumns(writer), cfg.score.top_k, cfg.score.bottom_k, texts
+        )
     seconds = time.perf_counter() - t0
     run.write_summary(
         {
@@ -259,7 +231,7 @@ def score(cfg: ScoreRunConfig | dict | None = None, *, _chaos: dict | None = Non
         }
     )
     writer.close()
-    shutil.rmtree(part / "progress", ignore_errors=True)  # now in data.hf
+    shutil.rmtree(part / PROGRESS_DIR, ignore_errors=True)  # now in data.hf
     return Path(run.commit())
 
 

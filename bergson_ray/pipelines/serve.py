@@ -26,26 +26,21 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
+from ..config import ServeConfig, as_config, is_shard_name, shard_actor_name
 from ..errors import BadInputError, StoreError
 from ..query.client import user_error
-from ..query.config import FaissConfig, ServeConfig, is_shard_name, shard_actor_name
+from ..utils.net import free_port
+from ..utils.ray_env import loopback_env
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "BERGSON_RAY_HTTP_TOKEN"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_local_head() -> str:
@@ -57,11 +52,8 @@ def start_local_head() -> str:
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     if not os.path.exists(ray_bin):
         ray_bin = shutil.which("ray") or "ray"
-    port = _free_port()
-    env = {**os.environ}
-    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1
-    env.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; see README before exposing
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    port = free_port()
+    env = loopback_env()  # loopback only; see README before exposing
     cmd = [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false"]
     log.info("no Ray cluster found; starting one: %s", " ".join(cmd))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -110,7 +102,7 @@ def _kill(name: str, namespace: str) -> bool:
 
 def validate(cfg: ServeConfig):
     """Check the request before anything starts; returns the opened store spec."""
-    from ..query.faiss_index import make_index, shard_bounds
+    from ..query.faiss_index import make_index, shard_bounds_remainder_last
     from ..query.store_spec import open_store_spec
 
     if not cfg.store:
@@ -120,7 +112,7 @@ def validate(cfg: ServeConfig):
             f"service name {cfg.name!r} must be 1-64 letters, digits, '_', '.' or '-'"
         )
     spec = open_store_spec(cfg.store)
-    shard_bounds(spec.num_rows, cfg.faiss.num_shards)
+    shard_bounds_remainder_last(spec.num_rows, cfg.faiss.num_shards)
     make_index(spec.dim, cfg.faiss.index_factory)  # a bad factory string fails here
     if cfg.load_model and spec.build is None:
         raise StoreError(
@@ -142,7 +134,7 @@ def serve(cfg: ServeConfig | None = None, **overrides: Any) -> dict:
     from ..actors.query_actor import QueryActor
     from ..query.index_store import IndexDir
 
-    cfg = with_overrides(cfg or ServeConfig(), **overrides)
+    cfg = as_config(ServeConfig, cfg, **overrides)
     cfg = dataclasses.replace(cfg, store=os.path.abspath(os.path.expanduser(cfg.store)))
     spec = validate(cfg)
     connect_cluster(cfg.address, cfg.namespace, start_if_missing=True)
@@ -287,20 +279,3 @@ def stop(name: str, namespace: str = "bergson_ray") -> list[str]:
             break
         i += 1
     return stopped
-
-
-def with_overrides(cfg: ServeConfig, **overrides: Any) -> ServeConfig:
-    """Flat keyword overrides: ServeConfig fields first, then FaissConfig fields."""
-    serve_fields = {f.name for f in dataclasses.fields(ServeConfig)} - {"faiss"}
-    faiss_fields = {f.name for f in dataclasses.fields(FaissConfig)}
-    top = {k: v for k, v in overrides.items() if k in serve_fields}
-    low = {k: v for k, v in overrides.items() if k in faiss_fields and k not in serve_fields}
-    unknown = set(overrides) - set(top) - set(low) - ({"faiss"} if "faiss" in overrides else set())
-    if unknown:
-        raise BadInputError(f"unknown serve option(s): {sorted(unknown)}")
-    if "faiss" in overrides:
-        top["faiss"] = overrides["faiss"]
-    cfg = dataclasses.replace(cfg, **top)
-    if low:
-        cfg = dataclasses.replace(cfg, faiss=dataclasses.replace(cfg.faiss, **low))
-    return cfg

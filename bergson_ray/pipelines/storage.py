@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 PROBE_FILE = ".bergson_ray_visibility"
 STAGING_ENV = "BERGSON_RAY_STAGING"
 """Local directory for staging object-store runs (default ``~/.cache/bergson_ray/staging``)."""
-SIMULATE_ENV = "BERGSON_RAY_SIMULATE_UNSHARED"
-"""Test hook: ``os.pathsep``-separated path prefixes a node pretends not to see. Set in a
-node's environment (``Cluster.add_node(env_vars=...)``) to fake a node without the
-shared file system on a single machine."""
 URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 SUMMARY = "summary.json"
 
@@ -150,7 +146,7 @@ def localize_store(path: str) -> str:
 
 
 def remote_output(config_cls: type):
-    """Decorator for a pipeline ``fn(cfg, *, _chaos=None, **overrides) -> Path``.
+    """Decorator for a pipeline ``fn(cfg, *, faults=None, **overrides) -> Path``.
 
     Local run paths go straight through. For a URI the pipeline runs with a local
     staging ``run_path``, the finished directory is uploaded to the URI, the staging
@@ -161,14 +157,14 @@ def remote_output(config_cls: type):
 
     def wrap(fn):
         @functools.wraps(fn)
-        def inner(cfg=None, *, _chaos: dict | None = None, **overrides):
-            from .build import as_config
+        def inner(cfg=None, *, faults=None, **overrides):
+            from ..config import as_config
 
             cfg = as_config(config_cls, cfg, **overrides)
             check_run_path(cfg.run.run_path)
             uri = cfg.run.run_path
             if not is_uri(uri):
-                return fn(cfg, _chaos=_chaos)
+                return fn(cfg, faults=faults)
             check_remote_target(uri, overwrite=cfg.run.overwrite, resume=cfg.run.resume)
             local = staging_dir(uri)
             local.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +172,7 @@ def remote_output(config_cls: type):
                 shutil.rmtree(local)
             log.info("%s is an object-store URI: staging the run in %s", uri, local)
             staged = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_path=str(local)))
-            done = Path(fn(staged, _chaos=_chaos))
+            done = Path(fn(staged, faults=faults))
             upload_run(done, uri, overwrite=cfg.run.overwrite)
             shutil.rmtree(done.parent, ignore_errors=True)
             return uri
@@ -210,6 +206,18 @@ class Probe:
     inputs: dict[str, str] = dataclasses.field(default_factory=dict)
     """``{"dataset": path, "model": path}`` -- only inputs that are local paths."""
 
+    def verify(self, blind: bool = False) -> None:
+        """Raise :class:`BadInputError` if this node cannot see the probe (worker side).
+
+        ``blind`` (tests only: ``FaultPlan.unshared_nodes``) makes this node see none of
+        the driver's paths, as a node without the shared file system would.
+        """
+        problems = probe_problems(self, blind)
+        if problems:
+            import socket
+
+            raise BadInputError(unshared_message(socket.gethostname(), problems))
+
 
 def _local_input(name: str) -> str | None:
     from ..config import TINY
@@ -239,17 +247,12 @@ def make_probe(run_dir: str | os.PathLike, data_cfg=None, model_cfg=None) -> Pro
     return Probe(run_dir, token, inputs)
 
 
-def _hidden(path: str) -> bool:
-    prefixes = [p for p in os.environ.get(SIMULATE_ENV, "").split(os.pathsep) if p]
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
-
-
-def probe_problems(probe: Probe) -> list[str]:
-    """What this process cannot see (empty = all good)."""
+def probe_problems(probe: Probe, blind: bool = False) -> list[str]:
+    """What this process cannot see (empty = all good); ``blind``: see :meth:`Probe.verify`."""
     problems = []
     tok = Path(probe.run_dir, PROBE_FILE)
     try:
-        seen = None if _hidden(probe.run_dir) else tok.read_text()
+        seen = None if blind else tok.read_text()
     except OSError:
         seen = None
     if seen != probe.token:
@@ -258,7 +261,7 @@ def probe_problems(probe: Probe) -> list[str]:
             + (" (missing)" if seen is None else " (another directory with that name)")
         )
     for key, path in probe.inputs.items():
-        if _hidden(path) or not os.path.exists(path):
+        if blind or not os.path.exists(path):
             problems.append(f"{key} path {path} does not exist")
     return problems
 
@@ -272,18 +275,7 @@ def unshared_message(node: str, problems: list[str]) -> str:
     )
 
 
-def verify_probe(probe: Probe | None) -> None:
-    """Raise :class:`BadInputError` if this node cannot see the probe (worker side)."""
-    if probe is None:
-        return
-    problems = probe_problems(probe)
-    if problems:
-        import socket
-
-        raise BadInputError(unshared_message(socket.gethostname(), problems))
-
-
-def check_cluster_visibility(probe: Probe, timeout_s: float = 300.0) -> int:
+def check_cluster_visibility(probe: Probe, timeout_s: float = 300.0, faults=None) -> int:
     """Run the probe on every alive node of the connected cluster; returns the node count.
 
     Single-node clusters are skipped (the driver is on the only node). A node that is
@@ -297,13 +289,14 @@ def check_cluster_visibility(probe: Probe, timeout_s: float = 300.0) -> int:
         return len(nodes)
 
     @ray.remote(num_cpus=0, max_retries=0)
-    def _check(p: Probe) -> list[str]:
-        return probe_problems(p)
+    def _check(p: Probe, faults) -> list[str]:
+        node = ray.get_runtime_context().get_node_id()
+        return probe_problems(p, blind=faults is not None and faults.hides_storage(node))
 
     refs = {
         f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": _check.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote(probe)
+        ).remote(probe, faults)
         for n in nodes
     }
     bad = []
@@ -324,8 +317,11 @@ def check_cluster_visibility(probe: Probe, timeout_s: float = 300.0) -> int:
     return len(nodes)
 
 
-def cluster_probe(run_dir, data_cfg=None, model_cfg=None) -> Probe:
-    """Driver side, once Ray is up: write the probe and check every node sees it."""
+def cluster_probe(run_dir, data_cfg=None, model_cfg=None, faults=None) -> Probe:
+    """Driver side, once Ray is up: write the probe and check every node sees it.
+
+    ``faults`` (tests only) is a :class:`~bergson_ray.testing.faults.FaultPlan`.
+    """
     probe = make_probe(run_dir, data_cfg, model_cfg)
-    check_cluster_visibility(probe)
+    check_cluster_visibility(probe, faults=faults)
     return probe

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import FaissConfig
 from ..errors import StoreError
-from .config import FaissConfig
 from .documents import DocumentLookup
 from .faiss_index import Hits
 from .gradient_index import GradientIndex

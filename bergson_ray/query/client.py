@@ -111,7 +111,7 @@ def connect(
     try:
         handle = ray.get_actor(name, namespace=namespace)
     except ValueError:
-        from .config import is_shard_name
+        from ..config import is_shard_name
 
         running = sorted(
             e["name"]

@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 
 from ..errors import BadInputError
-from .rows import RowSource
+from .rows import RowMatrix
 from .transform import RowTransform
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
 # ---------------------------------------------------------------------------- layout
 
 
-def shard_bounds(num_rows: int, num_shards: int) -> list[tuple[int, int]]:
+def shard_bounds_remainder_last(num_rows: int, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous row ranges: ``num_rows // num_shards`` each, the remainder in the last
     (bergson's split, so its shard files line up with ours)."""
     if num_shards < 1:
@@ -134,7 +134,7 @@ def _check_trainable(index: faiss.Index, factory: str, n_train: int, shard_rows:
 
 
 def build_shard(
-    source: RowSource,
+    source: RowMatrix,
     start: int,
     stop: int,
     *,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ServeConfig
+from ..config import ServeConfig
 from .documents import DocumentLookup
 from .faiss_index import Hits, check_k, check_queries, configure_faiss
 from .query_grads import QueryGradientMaker, normalize_queries

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FaissConfig
+from ..config import FaissConfig
 from .faiss_index import (
     ShardedIndex,
     build_shard,
     check_queries,
     configure_faiss,
     resolve_device,
-    shard_bounds,
+    shard_bounds_remainder_last,
     to_gpu,
 )
 from .index_store import IndexDir, open_shard
-from .rows import RowSource, as_row_source
+from .rows import RowMatrix, as_row_matrix
 from .transform import BuildPreprocess, RowTransform, make_transforms
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class GradientIndex:
 
     def __init__(
         self,
-        source: RowSource | np.ndarray,
+        source: RowMatrix | np.ndarray,
         cfg: FaissConfig | None = None,
         *,
         store_path: str | Path | None = None,
@@ -49,7 +49,7 @@ class GradientIndex:
         grad_sizes: Mapping[str, int] | None = None,
     ):
         self.cfg = cfg or FaissConfig()
-        self.source = as_row_source(source, grad_sizes)
+        self.source = as_row_matrix(source, grad_sizes)
         self.index_transform, self.query_transform = make_transforms(
             self.cfg, self.source.grad_sizes, built
         )
@@ -72,7 +72,7 @@ class GradientIndex:
                 for i in range(len(bounds))
             ]
         else:
-            bounds = shard_bounds(self.source.num_rows, self.cfg.num_shards)
+            bounds = shard_bounds_remainder_last(self.source.num_rows, self.cfg.num_shards)
             shards = [self._build_in_memory(lo, hi) for lo, hi in bounds]
         self.index = ShardedIndex(shards, [b[0] for b in bounds], nprobe=self.cfg.nprobe)
 

@@ -30,17 +30,17 @@ from typing import Any
 
 import faiss
 
-from .config import BUILD_FIELDS, FaissConfig
+from ..config import BUILD_FIELDS, FaissConfig
 from .faiss_index import (
     build_shard,
     factory_slug,
     load_index,
     resolve_device,
     save_index,
-    shard_bounds,
+    shard_bounds_remainder_last,
     to_gpu,
 )
-from .rows import RowSource
+from .rows import RowMatrix
 from .transform import RowTransform
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class IndexDir:
         self.store_path = Path(store_path)
         self.cfg = cfg
         self.path = self.store_path / index_dir_name(cfg)
-        self.bounds = shard_bounds(num_rows, cfg.num_shards)
+        self.bounds = shard_bounds_remainder_last(num_rows, cfg.num_shards)
         self.expected = {
             "format_version": FORMAT_VERSION,
             "build": build_settings(cfg),
@@ -162,7 +162,7 @@ class IndexDir:
 def open_shard(
     index_dir: IndexDir,
     i: int,
-    source: RowSource,
+    source: RowMatrix,
     transform: RowTransform,
     *,
     saveable: bool = True,

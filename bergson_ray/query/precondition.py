@@ -23,7 +23,7 @@ from ..errors import BadInputError, StoreError
 log = logging.getLogger(__name__)
 
 
-class Preconditioner(Protocol):
+class NumpyPreconditioner(Protocol):
     """Anything that maps ``[N, D]`` float32 rows to preconditioned rows of the same shape."""
 
     def apply(self, rows: np.ndarray) -> np.ndarray: ...
@@ -48,7 +48,7 @@ class RowPreconditioner:
         return out.numpy()
 
 
-def load_preconditioner(
+def load_row_preconditioner(
     hessian_path: str | Path,
     grad_sizes: Mapping[str, int],
     *,
@@ -56,7 +56,7 @@ def load_preconditioner(
     damping: float = 0.1,
     inversion: str = "damped_inverse",
     ev_correction: bool = False,
-) -> Preconditioner:
+) -> NumpyPreconditioner:
     """Open a Hessian dir (dense ``hessians.safetensors``/``.pth``, or factored) for rows
     laid out as ``grad_sizes``. Modules without a Hessian pass through (logged)."""
     from ..hessians.preconditioner import load_preconditioner as load_hessian

@@ -1,7 +1,7 @@
 """Query texts in, query gradient rows out, made exactly as the store's rows were made.
 
 The store's ``config.yaml`` gives the model, target modules, projection, loss and
-optimizer normalizers; :class:`~bergson_ray.gradients.runner.GradientRunner` rebuilds the
+optimizer normalizers; :class:`~bergson_ray.runners.gradient_runner.GradientRunner` rebuilds the
 very engine the build workers ran. Build-time preprocessing (preconditioning, unit norm)
 is *not* applied here: :func:`~bergson_ray.query.transform.make_transforms` decides what
 the query side needs, so the same rule serves exact and FAISS search.
@@ -74,7 +74,7 @@ class QueryGradientMaker:
         device: str = "cpu",
         token_batch_size: int | None = None,
     ):
-        from ..gradients.runner import GradientRunner, RunnerSpec
+        from ..runners.gradient_runner import GradientRunner, RunnerSpec
 
         if spec.build is None:
             raise StoreError(

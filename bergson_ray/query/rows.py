@@ -1,4 +1,4 @@
-"""Row sources: where an index reads the gradient rows it is built from.
+"""Row matrices: where an index reads the gradient rows it is built from.
 
 The FAISS code only ever asks for a contiguous range or a set of row indices as float32,
 so a memory-mapped store and an in-memory array look the same to it and a build never
@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import StoreError
 
 
-class RowSource(Protocol):
+class RowMatrix(Protocol):
     """A ``[num_rows, dim]`` matrix readable in pieces as float32."""
 
     num_rows: int
@@ -83,8 +83,8 @@ class StoreRows:
         return self.store.rows(idx).float().numpy()
 
 
-def as_row_source(obj: Any, grad_sizes: Mapping[str, int] | None = None) -> RowSource:
-    """Wrap a numpy array or a GradientStore; pass through anything already a RowSource."""
+def as_row_matrix(obj: Any, grad_sizes: Mapping[str, int] | None = None) -> RowMatrix:
+    """Wrap a numpy array or a GradientStore; pass through anything already a RowMatrix."""
     if isinstance(obj, np.ndarray):
         return ArrayRows(obj, grad_sizes)
     if hasattr(obj, "read") and hasattr(obj, "take") and hasattr(obj, "num_rows"):

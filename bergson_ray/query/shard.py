@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FaissConfig
+from ..config import FaissConfig
 from .faiss_index import Hits, check_k, check_queries, configure_faiss, search_index, set_nprobe
 from .index_store import IndexDir, open_shard
 from .rows import StoreRows

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import BuildConfig
 from ..errors import StoreError
+from ..store.files import read_yaml
 from .transform import BuildPreprocess
 
 log = logging.getLogger(__name__)
@@ -47,16 +46,13 @@ class StoreSpec:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise StoreError(f"{path} is not valid YAML: {err}") from err
+    doc = read_yaml(path)
     return doc if isinstance(doc, dict) else {}
 
 
 def _build_config(doc: dict[str, Any], path: Path) -> BuildConfig | None:
     """Our ``steps: [{build: {...}}]`` document (any step whose body is a BuildConfig)."""
-    from ..config_io import load_step_config
+    from ..store.config_yaml import load_step_config
 
     if not doc.get("steps"):
         return None

@@ -1,6 +1,6 @@
 """Small gradient stores for tests and benchmarks, written without Ray.
 
-``tiny_store`` runs the build's own :class:`~bergson_ray.gradients.runner.GradientRunner`
+``tiny_store`` runs the build's own :class:`~bergson_ray.runners.gradient_runner.GradientRunner`
 in this process over the first documents of the embedded tiny corpus and writes a real
 store (``gradients.bin``, ``info.json``, ``data.hf`` with text, processor files and a
 replayable ``config.yaml``), so query-side tests exercise exactly what ``build`` makes
@@ -10,7 +10,6 @@ latency benchmarks. Both reuse an existing store at the same path.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -33,8 +32,8 @@ def tiny_store(
     import datasets
 
     from ..defaults.tiny import ensure_tiny_assets
-    from ..gradients.runner import GradientRunner, RunnerSpec
-    from ..store.gradient_store import GradientStoreWriter
+    from ..runners.gradient_runner import GradientRunner, RunnerSpec
+    from ..store.gradient_writer import GradientStoreWriter
     from ..store.processor import ProcessorConfig, save_processor
     from ..store.run_dir import RunDir
 
@@ -82,7 +81,7 @@ def random_store(
     are near ``clusters`` random centres: gradient-like, and IVF-friendly unlike pure
     Gaussians (ray-on-2-cores.md §7).
     """
-    from ..store.gradient_store import GradientStoreWriter
+    from ..store.gradient_writer import GradientStoreWriter
     from ..store.processor import ProcessorConfig, save_processor
 
     path = Path(path)
@@ -107,6 +106,3 @@ def random_store(
     part.rename(path)
     return path
 
-
-def with_preprocess(cfg: BuildConfig, **changes) -> BuildConfig:
-    return dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, **changes))

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import FaissConfig
 from ..errors import BadInputError
-from .config import FaissConfig
-from .precondition import Preconditioner, load_preconditioner
+from .precondition import NumpyPreconditioner, load_row_preconditioner
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,8 @@ def unit_normalize(rows: np.ndarray) -> np.ndarray:
 class RowTransform:
     """Precondition (optional), then unit-normalize (optional). Non-finite values -> 0."""
 
-    preconditioner: Preconditioner | None = None
+    preconditioner: NumpyPreconditioner | None = None
     unit_norm: bool = False
-
-    @property
-    def is_identity(self) -> bool:
-        return self.preconditioner is None and not self.unit_norm
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         out = np.ascontiguousarray(rows, dtype=np.float32)
@@ -103,7 +99,7 @@ def make_transforms(
     unit = cfg.unit_norm or built.unit_normalize
     if cfg.hessian_path:
         power = -0.5 if cfg.unit_norm else -1.0
-        pre = load_preconditioner(
+        pre = load_row_preconditioner(
             cfg.hessian_path,
             grad_sizes,
             power=power,
@@ -115,7 +111,7 @@ def make_transforms(
         return RowTransform(None, unit), RowTransform(pre, unit)
     if built.hessian_path and built.unit_normalize:
         # Rows hold unit(H^-1/2 g): the query needs the same map to be comparable.
-        pre = load_preconditioner(
+        pre = load_row_preconditioner(
             built.hessian_path,
             grad_sizes,
             power=-0.5,

@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from bergson_ray.errors import StoreError
+from bergson_ray.store.files import read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +138,7 @@ class ProcessorConfig:
         path = Path(directory) / PROCESSOR_CONFIG
         if not path.is_file():
             return None
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise StoreError(f"{path} is not valid YAML: {e}") from e
-        return cls.from_dict(raw or {}, source=str(path))
+        return cls.from_dict(read_yaml(path) or {}, source=str(path))
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from bergson_ray.errors import RunExistsError, StoreError
+from bergson_ray.store.files import read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +180,7 @@ def read_run_config(run_dir: str | Path) -> tuple[str, dict[str, Any], dict[str,
     path = Path(run_dir) / CONFIG_YAML
     if not path.is_file():
         raise StoreError(f"{path} is missing")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise StoreError(f"{path} is not valid YAML: {e}") from e
+    doc = read_yaml(path)
     steps = doc.get("steps") if isinstance(doc, dict) else None
     if (
         not isinstance(steps, list)

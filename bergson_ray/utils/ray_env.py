@@ -11,15 +11,35 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
-LOCAL_DEFAULTS = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1 only
+    "RAY_AUTH_MODE": "disabled",  # explicit: Ray's default depends on machine state
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "600",
 }
+"""The environment of a private, loopback-only Ray (no token auth, no usage stats)."""
+
+LOCAL_DEFAULTS = {**LOOPBACK_ENV, "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "600"}
+
+
+def loopback_env(env: Mapping[str, str] | None = None, **overrides: str) -> dict[str, str]:
+    """A copy of ``env`` (default: this process's environment) for a child process that
+    starts or joins a loopback Ray: :data:`LOOPBACK_ENV` where unset, then ``overrides``."""
+    out = dict(os.environ if env is None else env)
+    for key, val in LOOPBACK_ENV.items():
+        out.setdefault(key, val)
+    out.update(overrides)
+    return out
+
+
+def set_loopback_env(**extra: str) -> None:
+    """Set :data:`LOOPBACK_ENV` (and ``extra``) in ``os.environ`` where unset; call it
+    before ``import ray`` in scripts that start their own local Ray."""
+    for key, val in {**LOOPBACK_ENV, **extra}.items():
+        os.environ.setdefault(key, val)
 
 
 def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kwargs) -> None:
@@ -30,17 +50,10 @@ def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kw
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        for key, val in LOCAL_DEFAULTS.items():
-            os.environ.setdefault(key, val)
+        set_loopback_env(**LOCAL_DEFAULTS)
         kwargs.setdefault("include_dashboard", False)
     log.info("ray.init(address=%s)", address or "<local>")
     ray.init(address=address, namespace=namespace, log_to_driver=True, **kwargs)
-
-
-def cluster_gpus() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("GPU", 0))
 
 
 def cluster_cpus() -> float:

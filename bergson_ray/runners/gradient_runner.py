@@ -5,8 +5,9 @@ reads the requested rows itself (workers receive only row indices through Ray
 Data, so the driver never ships text), tokenizes, packs documents by token budget
 (longest first, so padding stays small) and runs the engine batch by batch.
 
-It knows nothing of Ray: the same object serves Ray actors, the query actor and
-local single-process runs.
+It knows nothing of Ray: the same object serves Ray Data workers
+(``actors/batch_worker.py``), the ranks of an FSDP group (``runners/fsdp.py``), the
+query actor and local single-process runs.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import torch
 
 from ..config import BatchConfig, DataConfig, GradientConfig, ModelConfig, PreprocessConfig
 from ..errors import BadInputError
-from .engine import BatchResult, GradientEngine
+from ..gradients.engine import BatchResult, GradientEngine
+from ..gradients.normalizers import load_optimizer_normalizers
 from .model_loading import load_model, max_model_length
-from .normalizers import load_optimizer_normalizers
 from .preprocess import RowPreprocessor
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,23 @@ class RunnerSpec:
     """Per-row advantage (GRPO), indexed by dataset row; computed once by the driver."""
 
 
+@dataclass(frozen=True)
+class OneProcess:
+    """Runner strategy of a Ray Data worker: the model lives in the worker's own process.
+
+    (The other strategy, an FSDP group, is :class:`~bergson_ray.runners.sharded.GroupPlan`.)
+    """
+
+    torch_threads: int = 0
+
+    def build(self, spec: RunnerSpec) -> GradientRunner:
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
+        if spec.device == "auto":
+            spec.device = "cuda" if torch.cuda.is_available() else "cpu"
+        return GradientRunner(spec)
+
+
 def numpy_rows(x: torch.Tensor) -> np.ndarray:
     """Tensor -> numpy without losing bf16 (shipped as its uint16 bit pattern)."""
     if x.dtype == torch.bfloat16:
@@ -54,20 +72,20 @@ class GradientRunner:
     """Loads the model once; turns row-index batches into per-document results."""
 
     def __init__(self, spec: RunnerSpec):
-        from ..data.loading import RowSource
+        from ..data.loading import DatasetRows
 
         self.spec = spec
         model, self.tokenizer = load_model(spec.model, spec.device)
         normalizers = None
         if spec.grad.optimizer_state:
-            from .modules import find_target_modules
+            from ..gradients.modules import find_target_modules
 
             mods = find_target_modules(model, spec.grad)
             normalizers = load_optimizer_normalizers(
                 spec.grad.optimizer_state, model, mods, spec.grad.include_bias
             )
         self.engine = GradientEngine(model, spec.grad, normalizers=normalizers)
-        self.source = RowSource(spec.data)
+        self.source = DatasetRows(spec.data)
         limit = max_model_length(model, self.tokenizer)
         if spec.data.truncation:
             budget = spec.batch.token_batch_size
@@ -171,7 +189,7 @@ class GradientRunner:
         mode), then scored batch by batch. Per-token mode returns one ``[count, Q]``
         array per document.
         """
-        from .scoring import num_score_columns, score_rows
+        from ..gradients.scoring import num_score_columns, score_rows
 
         idx = np.asarray(idx, dtype=np.int64)
         docs = self.tokenize(idx)

@@ -70,6 +70,7 @@ class ServeConfig:
     name: str = "bergson"
     """Name of the service's query actor; shards are ``<name>::shard-<i>``."""
     namespace: str = "bergson_ray"
+    """Ray namespace of the service's named actors."""
     address: str | None = None
     """Ray cluster to attach to; None = ``RAY_ADDRESS``, else a running local cluster
     (``auto``), else start one."""
@@ -98,7 +99,9 @@ class ServeConfig:
     http: bool = False
     """Also start an HTTP endpoint (Ray Serve, needs the ``serve`` extra)."""
     http_host: str = "127.0.0.1"
+    """Address the HTTP endpoint binds to (keep it on loopback or a private network)."""
     http_port: int = 8000
+    """Port of the HTTP endpoint."""
     http_token: str = ""
     """Bearer token clients must send; empty = read ``BERGSON_RAY_HTTP_TOKEN`` or generate one."""
     ready_timeout_s: float = 600.0

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .cli.args import from_dict
-from .errors import StoreError
+from ..config.coerce import from_dict
+from ..errors import StoreError
 
 T = TypeVar("T")
 
@@ -57,7 +57,7 @@ def load_step_config(run_path: str | Path, cls: type[T], command: str | None = N
 
 def _resolved(name: str, resolve) -> str:
     """``tiny`` -> its local directory (bergson cannot resolve our embedded default)."""
-    from .config import TINY
+    from ..config.sections import TINY
 
     return resolve(name) if name == TINY else name
 
@@ -68,7 +68,7 @@ def bergson_index_cfg(cfg: Any) -> dict[str, Any]:
     Only keys bergson's ``IndexConfig`` knows; ``tiny`` is resolved to local paths so
     bergson can load the same model and data.
     """
-    from .defaults.tiny import resolve_dataset, resolve_model_path
+    from ..defaults.tiny import resolve_dataset, resolve_model_path
 
     g, d, m = cfg.grad, cfg.data, cfg.model
     return {
@@ -148,8 +148,8 @@ def _from_bergson_step(body: dict[str, Any], run_path: Path) -> dict[str, Any] |
     bergson's ``config.yaml`` does not say which projection generator made the rows;
     its ``processor_config.yaml`` does (no key = version 1).
     """
-    from .config import AttentionConfig, DataConfig, GradientConfig, ModelConfig
-    from .store.processor import ProcessorConfig
+    from ..config.sections import AttentionConfig, DataConfig, GradientConfig, ModelConfig
+    from ..store.processor import ProcessorConfig
 
     idx = body.get("index_cfg")
     if not isinstance(idx, dict):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..gradients.runner import GradientRunner, RunnerSpec
-from .config import HessianConfig
-from .fitter import FactorFitter, GramFitter
+from ..config import HessianConfig
+from ..hessians.fitter import FactorFitter, GramFitter
+from .gradient_runner import GradientRunner, RunnerSpec
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,10 @@ import torch
 
 from ..config import TINY, ModelConfig
 from ..errors import BadInputError
+from ..utils.dtypes import torch_dtype
+from ..utils.kv import parse_kv
 
 log = logging.getLogger(__name__)
-
-DTYPES = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp64": torch.float64,
-}
 
 
 def resolve_model_name(name: str) -> str:
@@ -40,34 +35,9 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
 
 
-def torch_dtype(precision: str) -> torch.dtype | str:
-    if precision == "auto":
-        return "auto"
-    if precision not in DTYPES:
-        raise BadInputError(f"unknown precision {precision!r}; choose from auto, {', '.join(DTYPES)}")
-    return DTYPES[precision]
-
-
-def parse_kwargs(text: str) -> dict:
-    """``"k=v,k2=3"`` -> dict with ints/floats/bools parsed (bergson's model_kwargs syntax)."""
-    out: dict = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "=" not in part:
-            raise BadInputError(f"expected key=value in {text!r}, got {part!r}")
-        k, v = part.split("=", 1)
-        low = v.lower()
-        if low in ("true", "false"):
-            out[k] = low == "true"
-            continue
-        for cast in (int, float):
-            try:
-                out[k] = cast(v)
-                break
-            except ValueError:
-                pass
-        else:
-            out[k] = v.split("|") if "|" in v else v
-    return out
+def model_dtype(precision: str) -> torch.dtype | str:
+    """``--precision``: ``auto`` (the checkpoint's dtype) or a dtype name."""
+    return "auto" if precision == "auto" else torch_dtype(precision, "precision")
 
 
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
@@ -75,12 +45,12 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = resolve_model_name(cfg.model)
-    kwargs = parse_kwargs(cfg.model_kwargs)
+    kwargs = parse_kv(cfg.model_kwargs, "--model_kwargs")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             os.path.expanduser(name),
             revision=cfg.revision,
-            dtype=torch_dtype(cfg.precision),
+            dtype=model_dtype(cfg.precision),
             **kwargs,
         )
     except (OSError, ValueError) as err:

@@ -1,12 +1,14 @@
-"""A gradient worker whose model is sharded over a group of actors (``--fsdp``).
+"""A runner whose model is sharded over a group of actors (``--fsdp``).
 
-Each Ray Data worker of a sharded run is a light *leader* that owns a group of
-``world`` :class:`FsdpRank` actors, one per GPU (or per CPU slot on CPU clusters),
-placed together by a placement group (``STRICT_PACK`` on GPUs: a group's GPUs sit
-on one node). The ranks form a ``torch.distributed`` group (NCCL on GPUs, gloo on
-CPUs), shard the model with FSDP2 (``gradients/fsdp.py``) and split every batch of
-row ids between them; the leader merges their rows. To the pipeline a sharded worker
-looks exactly like a plain one: same constructor arguments, same output columns.
+A Ray Data worker of a sharded run (``actors/batch_worker.py`` given a
+:class:`GroupPlan` instead of ``OneProcess``) is a light *leader*: its
+:class:`ShardedRunner` owns a group of ``world`` :class:`~bergson_ray.runners.fsdp.FsdpRank`
+actors, one per GPU (or per CPU slot on CPU clusters), placed together by a placement
+group (``STRICT_PACK`` on GPUs: a group's GPUs sit on one node). The ranks form a
+``torch.distributed`` group (NCCL on GPUs, gloo on CPUs), shard the model with FSDP2
+(``gradients/fsdp.py``) and split every batch of row ids between them; the leader
+merges their rows. :class:`ShardedRunner` has GradientRunner's interface, so to the
+worker and the pipeline a sharded run looks exactly like a plain one.
 
 If a rank dies (node lost, OOM), the leader tears the group down, builds a new one
 and re-runs the batch; if the leader itself dies, its ranks die with it and Ray Data
@@ -22,10 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import BadInputError, BergsonRayError, unwrap
-from ..gradients.runner import RunnerSpec
-from .gradient_worker import GradientWorker
-from .reduce_worker import ReduceWorker
-from .score_worker import ScoreWorker
+from .gradient_runner import RunnerSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,12 @@ class GroupPlan:
     timeout_s: float = 1800.0
     max_attempts: int = 3
     """Times one batch is tried on a freshly built group before the error is raised."""
+
+    def build(self, spec: RunnerSpec) -> ShardedRunner:
+        """The runner strategy of a Ray Data worker (see ``actors/batch_worker.py``)."""
+        if spec.device == "auto":
+            spec.device = self.device
+        return ShardedRunner(spec, self)
 
 
 def group_plan(
@@ -79,55 +84,6 @@ def group_plan(
         labels=dict(labels or {}),
         strategy=strategy,
     )
-
-
-class FsdpRank:
-    """One rank: a shard of the model and a lockstep GradientRunner (a Ray actor)."""
-
-    def __init__(self, spec: RunnerSpec, rank: int, world: int, device: str, torch_threads: int):
-        import torch
-
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        self.spec, self.rank, self.world, self.device = spec, rank, world, device
-        self.runner = None
-        self.query = None
-
-    def rendezvous(self) -> tuple[str, int]:
-        """Rank 0: the address the group meets at."""
-        import ray
-
-        from ..gradients.fsdp import free_port
-
-        ip = ray.util.get_node_ip_address()
-        return ip, free_port(ip)
-
-    def setup(self, addr: str, port: int, timeout_s: float) -> str:
-        import ray
-        import torch
-
-        from ..gradients.fsdp import backend_for, build_sharded_runner, init_group
-
-        if self.device == "cuda":
-            torch.cuda.set_device(0)  # Ray shows each rank only its own GPU
-        init_group(self.rank, self.world, addr, port, backend_for(self.device), timeout_s)
-        self.runner = build_sharded_runner(self.spec, self.device)
-        return ray.get_runtime_context().get_node_id()
-
-    def set_query(self, query: np.ndarray) -> None:
-        import torch
-
-        self.query = torch.as_tensor(np.array(query))
-
-    def run(self, method: str, idx: np.ndarray, *args):
-        if method == "scores":
-            return self.runner.scores(idx, self.query, *args)
-        return getattr(self.runner, method)(idx, *args)
-
-    def close(self) -> None:
-        from ..gradients.fsdp import destroy_group
-
-        destroy_group()
 
 
 def merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -168,6 +124,8 @@ class ShardedRunner:
         self.pg = placement_group([dict(bundle)] * g.world, strategy=g.strategy, **pg_kwargs)
         t0 = time.perf_counter()
         ray.get(self.pg.ready())  # waits for the autoscaler if it has to add a node
+        from .fsdp import FsdpRank
+
         rank_cls = ray.remote(FsdpRank)
         self.ranks = [
             rank_cls.options(
@@ -226,7 +184,7 @@ class ShardedRunner:
     def _call(self, method: str, idx: np.ndarray, *args, prepare=None) -> dict[str, np.ndarray]:
         import ray
 
-        from ..gradients.fsdp import PeerFailedError
+        from .fsdp import PeerFailedError
 
         idx = np.asarray(idx, dtype=np.int64)
         last: BaseException | None = None
@@ -293,48 +251,3 @@ class ShardedRunner:
         return self._call(
             "scores", idx, mode, query_batch_size, prepare=lambda: self._ensure_query(query)
         )
-
-
-class _ShardedBase(GradientWorker):
-    """Replaces GradientWorker.__init__: the leader loads no model, its ranks do."""
-
-    _group: GroupPlan
-
-    def __init__(self, spec: RunnerSpec, torch_threads: int = 0, chaos: dict | None = None):
-        if spec.device == "auto":
-            spec.device = self._group.device
-        self.runner = ShardedRunner(spec, self._group)
-        self.chaos = chaos or {}
-        self.calls = 0
-
-
-class ShardedGradientWorker(_ShardedBase):
-    def __init__(self, spec, torch_threads: int = 0, chaos: dict | None = None, group=None):
-        self._group = group
-        super().__init__(spec, torch_threads, chaos)
-
-
-class ShardedScoreWorker(ScoreWorker, _ShardedBase):
-    def __init__(self, *args, group=None, **kwargs):
-        self._group = group
-        super().__init__(*args, **kwargs)
-
-
-class ShardedReduceWorker(ReduceWorker, _ShardedBase):
-    def __init__(self, *args, group=None, **kwargs):
-        self._group = group
-        super().__init__(*args, **kwargs)
-
-
-SHARDED = {
-    GradientWorker: ShardedGradientWorker,
-    ScoreWorker: ShardedScoreWorker,
-    ReduceWorker: ShardedReduceWorker,
-}
-
-
-def sharded_class(worker_cls: type) -> type:
-    try:
-        return SHARDED[worker_cls]
-    except KeyError:
-        raise BadInputError(f"--fsdp is not supported by {worker_cls.__name__} yet") from None

@@ -1,0 +1,144 @@
+"""The one Ray Data class UDF: row indices in, rows / partial sums / scores out.
+
+``build``, ``reduce`` and ``score`` all run ``ds.map_batches(BatchWorker, ...)``
+(``pipelines/placement.py: map_workers``). What differs is composed from two small
+strategy objects passed in the constructor kwargs:
+
+* the **output** — :class:`Rows` (gradient rows back to the driver), :class:`PartialSums`
+  (an fp64 sum per batch pushed to the reducer actor; only counts go back) or
+  :class:`Scores` (rows scored against a query bank fetched once; only scores go back);
+* the **runner** — :class:`~bergson_ray.runners.gradient_runner.OneProcess` (the model
+  in this process, one per GPU or CPU slot) or
+  :class:`~bergson_ray.runners.sharded.GroupPlan` (this worker leads an FSDP group).
+
+Every worker also re-checks, on its own node, that it sees the run directory
+(autoscaled nodes join after the driver's up-front check), turns user errors, at
+start-up or per batch, into an ``error`` column the driver re-raises, and tags each
+output row with its node id (``rows_per_node`` in the summary). Ray Data restarts a
+crashed worker and re-runs the batches it lost, so each row reaches the driver once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import BergsonRayError, encode_error
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ outputs
+class Rows:
+    """Per-document gradient rows (``grads``), for ``build``."""
+
+    def setup(self) -> None:
+        pass
+
+    def compute(self, runner, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return runner.gradients(idx)
+
+    def deliver(self, out: dict[str, np.ndarray]) -> None:
+        pass
+
+
+@dataclass
+class PartialSums(Rows):
+    """One fp64 partial sum per batch, pushed to the reducer actor, for ``reduce``."""
+
+    reducer: Any
+    """A :class:`~bergson_ray.actors.reducer.Reducer` handle."""
+
+    def compute(self, runner, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return runner.partial_sum(idx)
+
+    def deliver(self, out: dict[str, np.ndarray]) -> None:
+        import ray
+
+        # Synchronous: the batch only counts as done once the reducer holds its sum.
+        ray.get(self.reducer.add.remote(out["idx"], out.pop("sum")))
+
+
+@dataclass
+class Scores(Rows):
+    """Rows scored at once against a shared query bank, for ``score``.
+
+    The driver puts the query matrix in the object store once; each worker fetches it
+    once at start-up (never per batch). Gradients never leave the worker.
+    """
+
+    query_ref: Any
+    """Object ref of the ``[Q, D]`` float32 query matrix (a ref inside an object stays a
+    ref: Ray does not copy it into every constructor call)."""
+    mode: str
+    query_batch_size: int | None = None
+
+    def setup(self) -> None:
+        import ray
+        import torch
+
+        ref = self.query_ref
+        value = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        # object-store arrays are read-only views; torch wants memory it may own
+        self.query = torch.from_numpy(np.array(value, dtype=np.float32))
+
+    def compute(self, runner, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return runner.scores(idx, self.query, self.mode, self.query_batch_size)
+
+
+# ------------------------------------------------------------------------------- worker
+class BatchWorker:
+    """``ds.map_batches(BatchWorker, fn_constructor_kwargs=dict(spec=..., output=...,
+    runner=..., probe=..., faults=...))``."""
+
+    def __init__(self, spec, output: Rows, runner, probe=None, faults=None):
+        import ray
+
+        self.output = output
+        self.faults = faults
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        self.batches = 0
+        self.init_error: str | None = None
+        try:
+            if probe is not None:  # a pipelines.storage.Probe
+                probe.verify(blind=faults is not None and faults.hides_storage(self.node))
+            self.runner = runner.build(spec)
+            output.setup()
+        except BergsonRayError as err:
+            # Raised from __init__, Ray reports only "actor died in its creation task";
+            # as an error column the driver re-raises the user's own message.
+            log.error("worker start-up failed: %s", err)
+            self.init_error = encode_error(err)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        idx = np.asarray(batch["idx"])
+        if self.init_error is not None:
+            return {"idx": idx, "error": np.array([self.init_error] * len(idx))}
+        self.batches += 1
+        out = guarded(lambda i: self.output.compute(self.runner, i), idx)
+        if "error" not in out:
+            self.output.deliver(out)
+        if self.faults is not None:
+            self.faults.after_batch(self.batches, self.node)  # test hook: the one seam
+        out["node"] = np.full(len(out["idx"]), self.node)
+        return out
+
+
+def guarded(fn, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Run ``fn(idx)``; a user error becomes an ``error`` column the driver re-raises.
+
+    Ray Data re-wraps exceptions from UDFs and drops the original's type, so the
+    user would otherwise get a Ray traceback instead of one clear sentence.
+    """
+    try:
+        t0 = time.perf_counter()
+        out = fn(idx)
+        # busy time per row: the driver sums it into the run's compute throughput
+        out["compute_s"] = np.full(len(idx), (time.perf_counter() - t0) / max(len(idx), 1))
+        return out
+    except BergsonRayError as err:
+        return {"idx": np.asarray(idx), "error": np.array([encode_error(err)] * len(idx))}

@@ -1,0 +1,253 @@
+"""The sections every command's config is made of (data, model, gradients, batching, Ray).
+
+Field names and defaults follow bergson's (``bergson-spec.md`` §1.3, and bergson 2.5.1's
+``--help``) so that a bergson command line translates to ours flag for flag. Settings
+that only exist because we run on Ray live in :class:`RayConfig`.
+
+The string literal under each field is its ``--help`` line (read by ``config/docs.py``);
+``__post_init__`` rejects values no command could use, with one sentence naming the flag.
+Checks that need two sections at once live on the command configs (``commands.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import BadInputError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16", "fp64"]
+
+TINY = "tiny"
+"""Model/dataset name of the embedded tiny default (built locally, never downloaded)."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`BadInputError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise BadInputError(message)
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to read and how to turn its rows into token sequences."""
+
+    dataset: str = TINY
+    """Hub id, save_to_disk dir, .parquet/.jsonl/.json/.csv file or glob, or 'tiny'."""
+    split: str = "train"
+    """Dataset split to read (slicing like 'train[:1000]' works)."""
+    subset: str | None = None
+    """Dataset configuration (subset) name passed to datasets.load_dataset."""
+    prompt_column: str = "text"
+    """Column holding the text (or the prompt when a completion column is set)."""
+    completion_column: str = ""
+    """Column holding completions: rows become user/assistant chat, loss on the completion only."""
+    conversation_column: str = ""
+    """Column holding a list of {role, content} messages; loss on assistant turns only."""
+    reward_column: str = ""
+    """Column of rewards: enables the Dr. GRPO advantage-weighted loss."""
+    skip_nan_rewards: bool = False
+    """Drop rows whose reward is NaN instead of failing."""
+    truncation: bool = False
+    """Truncate documents to min(model max length, token_batch_size) instead of rejecting them."""
+    data_kwargs: str = ""
+    """Extra keyword arguments for datasets.load_dataset, as k=v,k2=v2."""
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.prompt_column, str), "--prompt_column must be a column name")
+
+
+@dataclass
+class AttentionConfig:
+    """How to split an attention projection's output dimension into per-head blocks."""
+
+    num_heads: int = 0
+    """Heads to split --split_attention_modules into (0 = read from the model config)."""
+    head_size: int = 0
+    """Size of one head's block of the output dimension (0 = hidden size / heads)."""
+    head_dim: int = 2
+    """Axis of the [N, S, O] output gradient that holds the heads (only 2 is supported)."""
+
+    def __post_init__(self) -> None:
+        require(self.num_heads >= 0, "--attention.num_heads must be >= 0")
+        require(self.head_size >= 0, "--attention.head_size must be >= 0")
+        require(self.head_dim == 2, "--head_dim: only 2 (the output dimension) is supported")
+
+
+@dataclass
+class GradientConfig:
+    """How per-example gradients are computed and compressed (bergson's IndexConfig, minus I/O)."""
+
+    projection_dim: int = 0
+    """Per-module random projection size p; each module's block is p x p (0 = full gradients)."""
+    projection_type: Literal["rademacher", "normal"] = "rademacher"
+    """Entries of the random projection matrices."""
+    projection_scale: Literal["jl", "row_norm"] = "jl"
+    """Scaling of the projections: Johnson-Lindenstrauss (1/sqrt(p)) or unit row norms."""
+    projection_target: Literal["per_module", "global"] = "per_module"
+    """Project each module separately (two-sided) or the whole flattened gradient at once."""
+    projection_seed: int | None = None
+    """Seed appended to every projection matrix identifier as /seed<n> (None = no suffix)."""
+    projection_version: int = 2
+    """Projection generator: 2 = bergson >= 2.5 (Philox), 1 = older bergson (PCG64)."""
+    include_bias: bool = False
+    """Also attribute to the bias of every tracked module (one extra input column)."""
+    loss_fn: Literal["ce"] = "ce"
+    """Per-document loss whose gradient is taken (cross-entropy)."""
+    loss_reduction: Literal["sum", "mean"] = "sum"
+    """Sum or average a document's token losses."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss."""
+    filter_modules: str | None = None
+    """Comma-separated fnmatch globs of module names to exclude."""
+    modules: list[str] = field(default_factory=list)
+    """Comma-separated fnmatch globs of module names to include (empty = every Linear)."""
+    split_attention_modules: list[str] = field(default_factory=list)
+    """Modules (globs) whose output dimension is split into per-head blocks."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    attribute_tokens: bool = False
+    """Write one row per token instead of one per document."""
+    optimizer_state: str = ""
+    """optimizer.pt / .safetensors file (or a dir holding one): Adam/Adafactor normalizers."""
+
+    def __post_init__(self) -> None:
+        require(self.projection_dim >= 0, "--projection_dim must be >= 0")
+        require(self.projection_version in (1, 2), "--projection_version must be 1 or 2")
+        require(0.0 <= self.label_smoothing < 1.0, "--label_smoothing must be in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str = TINY
+    """Hub id or local directory of a causal LM, or 'tiny' (the embedded default)."""
+    tokenizer: str = ""
+    """Tokenizer to use when it is not the model's own (hub id or directory)."""
+    revision: str | None = None
+    """Model revision (branch, tag or commit) on the hub."""
+    precision: Precision = "fp32"
+    """dtype of the model weights (auto = the checkpoint's own)."""
+    model_kwargs: str = ""
+    """Extra keyword arguments for from_pretrained, as k=v,k2=v2."""
+
+
+@dataclass
+class BatchConfig:
+    """How documents are packed into forward/backward passes."""
+
+    token_batch_size: int = 2048
+    """Padded-token budget per forward/backward pass (longest document x documents <= budget)."""
+    max_batch_size: int | None = None
+    """Most documents in one pass (None = only the token budget limits it)."""
+
+    def __post_init__(self) -> None:
+        require(self.token_batch_size > 1, "--token_batch_size must be > 1")
+        require(
+            self.max_batch_size is None or self.max_batch_size >= 1,
+            "--max_batch_size must be >= 1",
+        )
+
+
+@dataclass
+class RayConfig:
+    """Where and how wide to run on Ray."""
+
+    address: str | None = None
+    """Ray cluster address; unset uses RAY_ADDRESS or starts a local Ray."""
+    num_workers: int = 0
+    """Gradient worker actors (0 = one per GPU, or 1 on a CPU-only cluster)."""
+    num_gpus_per_worker: float = 1.0
+    """GPUs per worker when GPUs exist (> 1 together with --fsdp shards a large model)."""
+    cpus_per_worker: float = 0.5
+    """Logical CPUs each worker reserves (below 1 so Ray Data's read tasks always get a slot)."""
+    torch_threads: int = 0
+    """Intra-op threads per CPU worker (0 = the node's CPUs / workers on it)."""
+    window_size: int = 64
+    """Documents per Ray Data batch handed to a worker (packed further by token budget)."""
+    fsdp: bool = False
+    """Shard the model over a group of actors with FSDP2 (one per GPU; 2 gloo ranks on CPU)."""
+    fsdp_shards: int = 0
+    """Actors per sharded worker with --fsdp (0 = --num_gpus_per_worker on GPU, 2 on CPU)."""
+    worker_device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: GPU workers if the cluster has GPUs now or its autoscaler can add GPU nodes."""
+    worker_resources: str = ""
+    """Custom Ray resources each worker requires, name=amount,... (pins workers to node types)."""
+    worker_labels: str = ""
+    """Node labels workers must run on, key=value,... (Ray label selector)."""
+    namespace: str = "bergson_ray"
+    """Ray namespace of the run's named actors."""
+
+    def __post_init__(self) -> None:
+        require(self.num_workers >= 0, "--num_workers must be >= 0 (0 = one per GPU)")
+        require(self.num_gpus_per_worker >= 0, "--num_gpus_per_worker must be >= 0")
+        require(self.cpus_per_worker > 0, "--cpus_per_worker must be > 0")
+        require(self.torch_threads >= 0, "--torch_threads must be >= 0")
+        require(self.window_size >= 1, "--window_size must be >= 1")
+        require(self.fsdp_shards >= 0, "--fsdp_shards must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Where a run is written and what to do with an existing one."""
+
+    run_path: str = ""
+    """Output directory (written as RUN_PATH.part and renamed when complete)."""
+    overwrite: bool = False
+    """Replace an existing run at the same path."""
+    resume: bool = False
+    """Continue an interrupted run in RUN_PATH.part, computing only what is missing."""
+
+
+Inversion = Literal["damped_inverse", "tikhonov_filtered", "pseudoinverse", "factored_tikhonov"]
+
+
+@dataclass
+class PreprocessConfig:
+    """What happens to each gradient row after collection (bergson's PreprocessConfig)."""
+
+    unit_normalize: bool = False
+    """Scale every row to unit norm (cosine similarity when scoring)."""
+    hessian_path: str | None = None
+    """Run dir of a hessian fit whose inverse preconditions the rows."""
+    ev_correction: bool = False
+    """Use the EK-FAC eigenvalues of --hessian_path (written by --ev_correction fits)."""
+    inversion: Inversion = "damped_inverse"
+    """How the Hessian's eigenvalues are inverted."""
+    damping_factor: float = 0.1
+    """Damping c in 1 / (lambda + c * mean(lambda))."""
+    aggregation: Literal["none", "mean", "sum"] = "none"
+    """Combine all rows into one (mean or sum) instead of one row per document."""
+    normalize_aggregated_grad: bool = False
+    """Unit-normalize the aggregated row."""
+
+    def __post_init__(self) -> None:
+        require(self.damping_factor >= 0, "--damping_factor must be >= 0")
+
+
+@dataclass
+class ScoreConfig:
+    """bergson's ScoreConfig. ``--modules`` (GradientConfig) doubles as the scored subset."""
+
+    query_path: str = ""
+    """Query store written by build or reduce (its rows are the queries)."""
+    score: Literal["individual", "nearest", "mean", "max"] = "individual"
+    """individual: one column per query; nearest/max: best query; mean: the mean query."""
+    query_batch_size: int | None = None
+    """Queries per matrix product inside a worker (bounds memory; data is still read once)."""
+    score_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """dtype of scores.bin."""
+    higher_is_better: bool = True
+    """Whether a larger score means a stronger proponent (recorded for readers)."""
+    top_k: int = 0
+    """Also write top_k.parquet with the k best rows per query and their text (0 = off)."""
+    bottom_k: int = 0
+    """Also write the k worst rows per query into top_k.parquet (0 = off)."""
+
+    def __post_init__(self) -> None:
+        require(
+            self.query_batch_size is None or self.query_batch_size >= 1,
+            "--query_batch_size must be >= 1",
+        )
+        require(self.top_k >= 0, "--top_k must be >= 0")
+        require(self.bottom_k >= 0, "--bottom_k must be >= 0")

@@ -1,0 +1,330 @@
+"""Stage helpers shared by the build, reduce, score and Hessian pipelines.
+
+Planning (driver, before any worker starts):
+
+* :func:`meta_model` / :func:`plan_layout` learn the store layout (module row widths,
+  dtype) from the model *config* on the meta device, so the driver never loads weights.
+* :func:`worker_pool` sizes the worker actor pool for the cluster.
+* :func:`open_dataset` opens and checks the source dataset (plus GRPO advantages);
+  :func:`token_offsets` counts tokens for per-token stores; :func:`runner_spec` is what
+  every worker needs to rebuild the runner.
+
+Running:
+
+* :func:`index_dataset` is the Ray Data source: just row indices. Workers read the
+  rows themselves, so text never travels through the driver.
+* :func:`run_workers` maps it through the worker pool; :func:`stream` drives the
+  pipeline with a progress bar and turns Ray's wrapped exceptions back into the
+  user-facing error that caused them.
+
+Writing (driver): :class:`Progress` (per-document loss and length, survives
+``--resume``), :func:`as_rows` / :func:`stack_ragged` (worker output -> store rows),
+:func:`write_data_hf`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import BuildConfig, GradientConfig, ModelConfig, RayConfig
+from ..errors import BadInputError, BergsonRayError, decode_error, unwrap
+from ..runners.gradient_runner import RunnerSpec
+from ..utils.dtypes import torch_dtype
+
+log = logging.getLogger(__name__)
+
+PROGRESS_DIR = "progress"
+
+
+@dataclass
+class Layout:
+    grad_sizes: dict[str, int]
+    dtype: torch.dtype
+
+    @property
+    def dim(self) -> int:
+        return sum(self.grad_sizes.values())
+
+
+def model_config(model_cfg: ModelConfig):
+    """The model's HF config (no weights), or a clear error."""
+    from transformers import AutoConfig
+
+    from ..runners.model_loading import resolve_model_name
+
+    name = resolve_model_name(model_cfg.model)
+    try:
+        return AutoConfig.from_pretrained(name, revision=model_cfg.revision)
+    except (OSError, ValueError) as err:
+        raise BadInputError(f"could not load model config for {model_cfg.model!r}: {err}") from err
+
+
+def meta_model(model_cfg: ModelConfig, hf_cfg=None):
+    """The model skeleton on the meta device: module names and shapes, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    hf_cfg = hf_cfg if hf_cfg is not None else model_config(model_cfg)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def plan_layout(model_cfg: ModelConfig, grad_cfg: GradientConfig) -> Layout:
+    """Row layout of a store built with these settings, from the model config alone."""
+    from ..gradients.collector import PerExampleCollector
+    from ..gradients.modules import find_target_modules
+
+    hf_cfg = model_config(model_cfg)
+    model = meta_model(model_cfg, hf_cfg)
+    modules = find_target_modules(model, grad_cfg)
+    sizes = PerExampleCollector(modules, grad_cfg).grad_sizes
+    if model_cfg.precision == "auto":
+        dtype = getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None)
+        dtype = getattr(torch, str(dtype).replace("torch.", "")) if dtype else torch.float32
+    else:
+        dtype = torch_dtype(model_cfg.precision, "precision")
+    return Layout(sizes, dtype)
+
+
+@dataclass
+class PoolPlan:
+    size: int
+    num_cpus: float
+    num_gpus: float
+    torch_threads: int
+    device: str
+
+
+def worker_pool(ray_cfg: RayConfig) -> PoolPlan:
+    """One worker per GPU (or ``num_gpus_per_worker`` GPUs each); else CPU workers.
+
+    CPU workers reserve less than a whole logical CPU each so that Ray Data's own
+    read tasks can always be scheduled (a pool holding every CPU deadlocks them),
+    and set their torch thread count explicitly because Ray pins actors with
+    ``num_cpus <= 1`` to one OpenMP thread.
+    """
+    from ..utils.ray_env import cluster_cpus
+    from .placement import gpu_capacity
+
+    gpus, possible = gpu_capacity()
+    want = getattr(ray_cfg, "worker_device", "auto")
+    if want == "cuda" or (want == "auto" and possible > 0):
+        per = max(ray_cfg.num_gpus_per_worker, 1e-3)
+        if gpus == 0 and not ray_cfg.num_workers:
+            log.warning(
+                "the cluster has no GPU right now (%s): starting 1 GPU worker, which waits for "
+                "a GPU node; pass --num_workers N to request N",
+                f"its autoscaler can add {possible}" if possible else "--worker_device cuda",
+            )
+        size = ray_cfg.num_workers or max(1, int(gpus // per))
+        return PoolPlan(size, 1.0, per, ray_cfg.torch_threads, "cuda")
+    if not ray_cfg.num_workers and (ray_cfg.address or os.environ.get("RAY_ADDRESS")):
+        log.warning(
+            "--num_workers 0 on a cluster without GPUs: starting 1 CPU worker. On an "
+            "autoscaling cluster whose GPU nodes are scaled to zero, pass --num_workers N "
+            "(and --worker_device cuda if Ray cannot see the autoscaler's GPU node types)"
+        )
+    size = ray_cfg.num_workers or 1
+    cpus = cluster_cpus()
+    threads = ray_cfg.torch_threads or max(1, int(cpus // size))
+    return PoolPlan(size, ray_cfg.cpus_per_worker, 0.0, threads, "cpu")
+
+
+def index_dataset(indices: np.ndarray, window: int):
+    """A Ray dataset of row indices (column ``idx``), cut into ~one window per block."""
+    import ray
+
+    n = len(indices)
+    blocks = max(1, min(4096, math.ceil(n / max(1, window))))
+    return ray.data.from_numpy(np.asarray(indices, dtype=np.int64)).repartition(blocks).map_batches(
+        _rename_idx, batch_format="numpy", batch_size=None
+    )
+
+
+def run_workers(
+    indices: np.ndarray, spec, output, ray_cfg: RayConfig, pool: PoolPlan, *, probe=None, faults=None
+):
+    """``index_dataset(indices)`` mapped through a pool of BatchWorkers producing ``output``
+    (``actors/batch_worker.py``: ``Rows``, ``PartialSums`` or ``Scores``).
+
+    The returned dataset is lazy: iterate it with :func:`stream`. Placement (spread over
+    nodes, ``--worker_resources``/``--worker_labels``), ``--fsdp`` groups and the
+    per-node storage check (``probe``) are in :func:`.placement.map_workers`.
+    """
+    from .placement import map_workers
+
+    ds = index_dataset(indices, ray_cfg.window_size)
+    return map_workers(ds, spec, output, ray_cfg, pool, probe=probe, faults=faults)
+
+
+def _rename_idx(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"idx": batch["data"]}
+
+
+def configure_data_context() -> None:
+    """Our tqdm bar replaces Ray Data's; keep the log readable."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def stream(
+    ds, total: int, desc: str, unit: str = "doc", monitor=None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Iterate output batches with a progress bar; re-raise the user's error cleanly.
+
+    ``monitor`` (a :class:`~bergson_ray.utils.metrics.StageMonitor`) sees every batch:
+    rows/tokens per second on the bar and in Ray's metrics, duplicate-row accounting.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            if "error" in batch:
+                raise decode_error(batch["error"][0])
+            yield batch
+            if monitor is not None:
+                monitor.update(batch)
+                bar.set_postfix(monitor.postfix(), refresh=False)
+            bar.update(len(batch["idx"]))
+    except Exception as exc:
+        err = unwrap(exc)
+        if isinstance(err, BergsonRayError):
+            raise err from None
+        raise
+    finally:
+        bar.close()
+        log.info("%s: %d %ss in %.1fs", desc, bar.n, unit, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------- dataset side
+def validate_build(cfg: BuildConfig) -> None:
+    """The checks ``build`` and ``reduce`` share."""
+    if not cfg.run.run_path:
+        raise BadInputError("run_path is required")
+    if cfg.grad.attribute_tokens and cfg.preprocess.aggregation != "none":
+        raise BadInputError("attribute_tokens needs aggregation 'none'")
+    if cfg.grad.projection_dim < 0:
+        raise BadInputError("projection_dim must be >= 0")
+    if cfg.batch.token_batch_size <= 1:
+        raise BadInputError("token_batch_size must be > 1")
+
+
+def runner_spec(cfg: BuildConfig, device: str, advantages: np.ndarray | None) -> RunnerSpec:
+    return RunnerSpec(
+        model=cfg.model,
+        grad=cfg.grad,
+        data=cfg.data,
+        batch=cfg.batch,
+        preprocess=cfg.preprocess,
+        skip_short_docs=cfg.skip_short_docs,
+        device=device,
+        advantages=advantages,
+    )
+
+
+def open_dataset(cfg: BuildConfig):
+    """The source dataset (memory-mapped), validated, plus GRPO advantages if asked for."""
+    from ..data.loading import check_columns, load_dataset_rows, prompt_key
+    from ..data.tokenize import estimate_advantages
+
+    ds = load_dataset_rows(cfg.data)
+    check_columns(ds.column_names, cfg.data)
+    if len(ds) == 0:
+        raise BadInputError(f"dataset {cfg.data.dataset!r} (split {cfg.data.split!r}) is empty")
+    advantages = None
+    if cfg.data.reward_column:
+        conv = bool(cfg.data.conversation_column)
+        col = cfg.data.conversation_column or cfg.data.prompt_column
+        prompts = [prompt_key(v, conv) for v in ds[col]]
+        advantages = estimate_advantages(
+            prompts, list(ds[cfg.data.reward_column]), cfg.data.skip_nan_rewards
+        ).astype(np.float32)
+        if np.isnan(advantages).any():
+            raise BadInputError(
+                f"{int(np.isnan(advantages).sum())} rows have NaN rewards: drop them from the "
+                "dataset first (bergson_ray keeps row indices stable, so it does not drop rows)"
+            )
+    return ds, advantages
+
+
+def token_offsets(cfg: BuildConfig, ds) -> np.ndarray:
+    """Per-token stores need every document's token count before any row is written."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..data.tokenize import tokenize_rows
+    from ..runners.model_loading import resolve_model_name
+
+    name = resolve_model_name(cfg.model.tokenizer or cfg.model.model)
+    tok = AutoTokenizer.from_pretrained(name, revision=cfg.model.revision)
+    hf_cfg = AutoConfig.from_pretrained(resolve_model_name(cfg.model.model))
+    limit = getattr(hf_cfg, "max_position_embeddings", None)
+    if cfg.data.truncation:
+        limit = min(limit or cfg.batch.token_batch_size, cfg.batch.token_batch_size)
+    counts = np.zeros(len(ds), dtype=np.int64)
+    step = 2048
+    for lo in range(0, len(ds), step):
+        docs = tokenize_rows(ds[lo : lo + step], tok, cfg.data, limit)
+        counts[lo : lo + len(docs)] = [max(len(d.input_ids) - 1, 0) for d in docs]
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+class Progress:
+    """Per-document loss and length, memory-mapped in the ``.part`` dir (survives resume)."""
+
+    def __init__(self, part: Path, n: int):
+        d = part / PROGRESS_DIR
+        d.mkdir(exist_ok=True)
+        mode = "r+" if (d / "loss.npy").exists() else "w+"
+        self.loss = np.lib.format.open_memmap(d / "loss.npy", mode, np.float32, (n,))
+        self.length = np.lib.format.open_memmap(d / "length.npy", mode, np.int64, (n,))
+
+    def update(self, out: dict[str, np.ndarray]) -> None:
+        self.loss[out["idx"]] = out["loss"]
+        self.length[out["idx"]] = out["length"]
+
+    def flush(self) -> None:
+        self.loss.flush()
+        self.length.flush()
+
+
+def as_rows(arr: np.ndarray, dtype: torch.dtype) -> np.ndarray | torch.Tensor:
+    """Worker rows -> what the store writer takes (bf16 arrives as uint16 bit patterns)."""
+    if dtype == torch.bfloat16 and arr.dtype == np.uint16:
+        # Ray Data hands out read-only views; torch needs memory it may own
+        return torch.from_numpy(np.array(arr, copy=True).view(np.int16)).view(torch.bfloat16)
+    return arr
+
+
+def stack_ragged(col: np.ndarray, dim: int) -> np.ndarray:
+    parts = [np.asarray(x).reshape(-1, dim) for x in col]
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
+def write_data_hf(part: Path, ds, progress: Progress, drop_columns: bool) -> None:
+    """``data.hf``: the dataset's rows (unless dropped) plus ``length`` and ``loss``."""
+    import datasets
+
+    if drop_columns:
+        out = datasets.Dataset.from_dict({"length": progress.length[:], "loss": progress.loss[:]})
+    else:
+        out = ds
+        for col in ("length", "loss"):
+            if col in out.column_names:
+                out = out.remove_columns(col)
+        out = out.add_column("length", np.asarray(progress.length)).add_column(
+            "loss", np.asarray(progress.loss)
+        )
+    out.save_to_disk(str(part / "data.hf"))

@@ -1,0 +1,119 @@
+"""What the gradient and score stores share: memory maps, sparse pre-sized files, atomic
+JSON, per-token offsets and index checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bergson_ray.errors import BadInputError, StoreError
+
+INFO_JSON = "info.json"
+OFFSETS_NPY = "offsets.npy"
+
+
+def open_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...], mode: str) -> np.ndarray:
+    """``np.memmap`` that also handles empty files (mmap cannot map zero bytes)."""
+    if math.prod(shape) * dtype.itemsize == 0:
+        arr = np.zeros(shape, dtype=dtype)
+        arr.flags.writeable = mode != "r"
+        return arr
+    return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
+
+
+def presize(path: Path, nbytes: int) -> None:
+    """Create ``path`` with ``nbytes`` zero bytes without writing them (sparse file)."""
+    with open(path, "wb") as f:
+        f.truncate(nbytes)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a JSON file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, missing: str) -> Any:
+    """Parsed JSON file; :class:`StoreError` saying ``missing`` when it is absent, or
+    naming the file when it does not parse."""
+    if not path.is_file():
+        raise StoreError(f"{path} is missing: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path} is not valid JSON: {e}") from e
+
+
+def read_yaml(path: Path) -> Any:
+    """Parsed YAML file (``yaml.safe_load``); :class:`StoreError` naming it if it does not
+    parse. Callers decide what a missing file means."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise StoreError(f"{path} is not valid YAML: {e}") from e
+
+
+def load_offsets(path: Path, num_items: int, num_grads: int) -> np.ndarray:
+    """A per-token store's ``offsets.npy``, checked against ``info.json``'s counts."""
+    if not path.is_file():
+        raise StoreError(f"{path} is missing: info.json marks this as a per-token store")
+    try:
+        offsets = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise StoreError(f"cannot read {path} as a .npy array: {e}") from e
+    check_offsets(offsets, num_items, where=str(path))
+    if int(offsets[-1]) != num_grads:
+        raise StoreError(
+            f"{path} ends at {int(offsets[-1])} rows but info.json says num_grads={num_grads}"
+        )
+    return offsets.astype(np.int64, copy=False)
+
+
+def check_offsets(offsets: np.ndarray, num_items: int, *, where: str = "offsets") -> None:
+    """Per-token offsets: int [num_items + 1], starting at 0, never decreasing."""
+    if offsets.ndim != 1 or len(offsets) != num_items + 1:
+        raise StoreError(
+            f"{where}: expected shape [{num_items + 1}] (num_items + 1), found {list(offsets.shape)}"
+        )
+    if not np.issubdtype(offsets.dtype, np.integer):
+        raise StoreError(f"{where}: expected integer offsets, found {offsets.dtype}")
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise StoreError(f"{where}: offsets must start at 0 and never decrease")
+
+
+def check_indices(
+    values: np.ndarray | Sequence[int] | torch.Tensor, upper: int, what: str, where: Path | str
+) -> np.ndarray:
+    """``values`` as a 1-D int64 array of indices in ``[0, upper)``, or a clear error."""
+    if isinstance(values, torch.Tensor):
+        values = values.cpu().numpy()
+    idx = np.asarray(values)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise BadInputError(
+            f"{what} indices must be a 1-D integer array, got {idx.dtype}{list(idx.shape)}"
+        )
+    idx = idx.astype(np.int64, copy=False)
+    if idx.size and (idx.min() < 0 or idx.max() >= upper):
+        raise BadInputError(
+            f"{what} index out of range [0, {upper}): min {idx.min()}, max {idx.max()} "
+            f"(store {where})"
+        )
+    return idx
+
+
+def offsets_from_counts(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``[0, c0, c0+c1, ...]`` as int64: the per-token offsets for row counts per item."""
+    counts = np.asarray(counts, dtype=np.int64)
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
