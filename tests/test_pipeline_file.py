@@ -1,0 +1,214 @@
+"""``bergson-ray FILE.yaml``: bergson's pipeline documents translated to our configs."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bergson_ray.cli.main import COMMANDS, main
+from bergson_ray.cli.pipeline_file import is_pipeline_argument, plan, read_document
+from bergson_ray.config import BuildConfig, EkfacRunConfig
+from bergson_ray.config.bergson_steps import expand_matrix
+from bergson_ray.errors import BadInputError
+
+# bergson's examples/compare_wikitext/ekfac.yaml (first step), only paths and sizes changed
+EKFAC_STEP = """
+run_path: {root}/ekfac
+steps:
+  - ekfac:
+      index_cfg:
+        run_path: {root}/ekfac
+        model: tiny
+        overwrite: true
+        token_batch_size: 256
+        max_batch_size: 8
+        filter_modules: "embed_out"
+        distributed:
+          nproc_per_node: 8
+          nnode: 1
+        data:
+          dataset: tiny
+          split: "train"
+          chunk_length: 0
+      hessian_cfg:
+        method: kfac
+        ev_correction: true
+      score_cfg:
+        batch_size: 1024
+        query_batch_size: 4
+      preprocess_cfg:
+        unit_normalize: false
+      hessian_pipeline_cfg:
+        query:
+          dataset: tiny
+          split: "train[:4]"
+          chunk_length: 0
+        query_aggregation: none
+        inversion_cfg:
+          damping_factor: 0.2
+"""
+
+
+def _doc(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(textwrap.dedent(text).format(root=tmp_path))
+    return path
+
+
+def test_bergson_ekfac_step_becomes_our_config(tmp_path):
+    (step,) = plan(read_document(_doc(tmp_path, EKFAC_STEP)), COMMANDS)
+    cfg = step.config
+    assert isinstance(cfg, EkfacRunConfig)
+    assert cfg.run.run_path == str(tmp_path / "ekfac") and cfg.run.overwrite
+    assert (cfg.batch.token_batch_size, cfg.batch.max_batch_size) == (256, 8)
+    assert cfg.grad.filter_modules == "embed_out"
+    assert cfg.hessian.method == "kfac" and cfg.hessian.ev_correction
+    assert cfg.query.dataset == "tiny" and cfg.query.split == "train[:4]"
+    assert cfg.query_aggregation == "none" and cfg.query_batch_size == 4
+    assert cfg.damping_factor == 0.2
+    # everything not given keeps the command's default
+    assert cfg.grad.projection_dim == EkfacRunConfig().grad.projection_dim
+
+
+VALIDATE_STEP = """
+  - validate:
+      run_path: {root}/validate_ekfac
+      model: tiny
+      overwrite: true
+      scores: {root}/ekfac/scores
+      retrained_dir: {root}/bank
+      data:
+        dataset: tiny
+        split: "train"
+        chunk_length: 0
+      query:
+        dataset: tiny
+        split: "train[:4]"
+        chunk_length: 0
+      distributed:
+        nproc_per_node: 8
+        nnode: 1
+      batch_size: 64
+"""
+
+
+def test_bergson_compare_wikitext_ekfac_document_plans(tmp_path):
+    """bergson's two-step examples/compare_wikitext/ekfac.yaml (ekfac, then validate on a
+    saved bank with the old flat keys) becomes two validated configs."""
+    ekfac, validate = plan(read_document(_doc(tmp_path, EKFAC_STEP + VALIDATE_STEP)), COMMANDS)
+    assert ekfac.command == "ekfac" and validate.command == "validate"
+    v = validate.config
+    assert v.run.run_path == str(tmp_path / "validate_ekfac") and v.run.overwrite
+    assert v.scores == str(tmp_path / "ekfac" / "scores")
+    assert v.method == "lds" and v.lds.subsets == "bank" and v.lds.paths == [str(tmp_path / "bank")]
+    assert v.training.batch_size == 64 and v.query.split == "train[:4]"
+
+
+def test_our_own_config_yaml_round_trips(tmp_path):
+    import dataclasses
+
+    cfg = BuildConfig()
+    cfg.run.run_path = str(tmp_path / "r")
+    cfg.grad.projection_dim = 8
+    path = tmp_path / "ours.yaml"
+    path.write_text(yaml.safe_dump({"steps": [{"build": dataclasses.asdict(cfg)}]}))
+    (step,) = plan(read_document(path), COMMANDS)
+    assert step.config == cfg
+
+
+def test_matrix_expands_with_typed_and_textual_substitution():
+    cells = expand_matrix(
+        {"matrix": {"p": [8, 16]}, "index_cfg": {"run_path": "runs/p{p}", "projection_dim": "{p}"}}
+    )
+    assert [c["index_cfg"] for c in cells] == [
+        {"run_path": "runs/p8", "projection_dim": 8},
+        {"run_path": "runs/p16", "projection_dim": 16},
+    ]
+    with pytest.raises(BadInputError, match="both write"):
+        expand_matrix({"matrix": {"p": [8, 16]}, "index_cfg": {"run_path": "runs/same"}})
+
+
+@pytest.mark.parametrize(
+    "steps,match",
+    [
+        ("- buld: {}", "unknown command 'buld'"),
+        ("- magic: {run_path: x}", "`magic` is not implemented in bergson-ray yet"),
+        ("- build: {index_cfg: {run_path: x, projection_dimm: 3}}", "unknown option 'projection_dimm'"),
+        ("- build: {index_cfg: {run_path: x, data: {chunk_length: 1024}}}", "chunk_length=1024"),
+        ("- build: {index_cfg: {run_path: x, token_batch_size: 1}}", "token_batch_size must be > 1"),
+        ("- build: [1, 2]", "expected a mapping"),
+        ("- build: {}\n  score: {}", "must be one"),
+    ],
+)
+def test_bad_documents_fail_before_any_step_runs(tmp_path, steps, match, capsys):
+    first = f"- build: {{index_cfg: {{run_path: {tmp_path}/first}}}}\n"
+    path = tmp_path / "bad.yaml"
+    path.write_text("steps:\n" + textwrap.indent(first + steps, "  "))
+    with pytest.raises(BadInputError, match=match):
+        plan(read_document(path), COMMANDS)
+    assert main([str(path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "first").exists() and not (tmp_path / "first.part").exists()
+
+
+def test_pipeline_argument_detection(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("steps: []")
+    assert is_pipeline_argument(["p.yaml"]) == "p.yaml"
+    assert is_pipeline_argument(["build", "p.yml"]) == "p.yml"
+    assert is_pipeline_argument([str(tmp_path / "run")]) == str(tmp_path / "run" / "config.yaml")
+    assert is_pipeline_argument(["build", "runs/x"]) is None
+    assert is_pipeline_argument(["build", "runs/x", "--projection_dim", "3"]) is None
+
+
+def test_resume_skips_complete_steps_and_runs_the_rest(tmp_path, monkeypatch):
+    """A fake command records what runs: with ``resume: true`` a step whose run dir is
+    complete is skipped, the others run in order."""
+    pkg = tmp_path / "fakecmd"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cmd.py").write_text(
+        textwrap.dedent(
+            """
+            from pathlib import Path
+            from bergson_ray.cli.command import ConfigCommand
+            from bergson_ray.config import BuildConfig
+
+            RAN = []
+
+            def fake(cfg):
+                RAN.append(cfg.run.run_path)
+                Path(cfg.run.run_path).mkdir()
+                return cfg.run.run_path
+
+            COMMAND = ConfigCommand("build", BuildConfig, "fake", "fakecmd.cmd:fake", "done {}")
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from bergson_ray.cli.pipeline_file import run_document
+
+    (tmp_path / "a").mkdir()  # step 1 finished earlier
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run_path": str(tmp_path / "pipe"),
+                "resume": True,
+                "steps": [
+                    {"build": {"index_cfg": {"run_path": str(tmp_path / "a")}}},
+                    {"build": {"index_cfg": {"run_path": str(tmp_path / "b")}}},
+                ],
+            }
+        )
+    )
+    import fakecmd.cmd as fake
+
+    assert run_document(path, {"build": "fakecmd.cmd"}) == 0
+    assert fake.RAN == [str(tmp_path / "b")]
+    resolved = yaml.safe_load((tmp_path / "pipe" / "config.yaml").read_text())
+    assert [list(s) for s in resolved["steps"]] == [["build"], ["build"]]
+    assert resolved["steps"][1]["build"]["run"]["run_path"] == str(tmp_path / "b")
