@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,31 @@ def test_resume_recomputes_only_missing_rows(reference, tmp_path):
     )
     assert_same(rows_of(out), rows_of(reference))
     assert summary_of(out)["computed_documents"] == 10
+
+
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ({"projection_type": "normal"}, "--projection_type: started with 'rademacher', now 'normal'"),
+        ({"split": "train[:41]"}, "--split"),
+        ({"token_batch_size": 2048}, "--token_batch_size"),
+    ],
+)
+def test_resume_with_other_settings_is_refused(reference, tmp_path, change, named):
+    """A resumed run never mixes rows of two settings: the difference is named, and the
+    unfinished run is left as it was (still resumable with the right settings)."""
+    import shutil
+
+    from bergson_ray.errors import BadInputError
+
+    part = tmp_path / "idx.part"
+    shutil.copytree(reference, part)
+    before = (part / "gradients.bin").read_bytes()
+    settings = {**TINY_BUILD, "token_batch_size": 4096, "num_workers": 1, **change}
+    with pytest.raises(BadInputError, match=re.escape(named)):
+        build(run_path=tmp_path / "idx", resume=True, **settings)
+    assert (part / "gradients.bin").read_bytes() == before
+    assert not (tmp_path / "idx").exists()
 
 
 def test_per_token_store_sums_to_sequence_rows(reference, tmp_path):

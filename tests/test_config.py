@@ -159,3 +159,45 @@ def test_every_option_of_every_command_has_help():
         described = [a for a in options if a.help and not a.help.startswith("(default")]
         assert len(described) >= 0.9 * len(options), name
         assert all("CFG__" not in str(a.metavar) for a in options), name
+
+
+def test_a_store_larger_than_the_disk_is_refused_before_anything_is_written(capsys, tmp_path):
+    """``--projection_dim 100000`` would make a store of terabytes: one sentence naming its
+    size and the free space, and no run directory (not even a ``.part``)."""
+    from bergson_ray.cli.main import main
+    from bergson_ray.store.files import check_room
+
+    check_room(tmp_path, 1024, "a small file")  # fits: no error
+    code = main(["build", str(tmp_path / "r"), "--projection_dim", "100000", "--truncation"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "would take" in err[0] and "TiB" in err[0] and "free" in err[0]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r.part").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,named",
+    [
+        (["build", "{tmp}/r", "--dataset", "{tmp}/missing.jsonl"], "--dataset"),
+        (["score", "{tmp}/r", "--query_path", "{tmp}/no_query"], "--query_path"),
+        (["build", "{tmp}/r", "--model", "{tmp}/no_model_dir"], "--model"),
+        (["ekfac", "{tmp}/r", "--query.dataset", "./missing/*.parquet"], "--query.dataset"),
+        (["validate", "{tmp}/r", "--scores", "{tmp}/no_scores"], "--scores"),
+        (["build", "{tmp}/r", "--num_workers", "-1"], "--num_workers"),
+    ],
+)
+def test_argument_errors_come_first_and_fast(tmp_path, argv, named):
+    """Argument-level mistakes are one line, before torch or Ray are imported; the time to
+    the error is printed (a figure for the reader, not an assertion: machines differ)."""
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "bergson_ray", *(a.format(tmp=tmp_path) for a in argv)]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    took = time.perf_counter() - t0
+    print(f"time to first error for {' '.join(argv[:1] + argv[2:])}: {took:.2f}s")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: " + named)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r.part").exists()

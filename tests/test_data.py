@@ -321,6 +321,16 @@ def test_dataset_dict_split_selection(formats, small_rows):
         load_dataset_rows(DataConfig(dataset=str(formats / "dict"), split="validation"))
 
 
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.parquet", "disk"])
+def test_a_split_that_does_not_exist_is_an_error(formats, name):
+    """A one-split source (files, a saved Dataset) has only 'train': ``--split nonexistent``
+    must not silently read all of it."""
+    cfg = DataConfig(dataset=str(formats / name), split="nonexistent[:3]",
+                     data_kwargs=f"cache_dir={formats / 'hf'}")
+    with pytest.raises(BadInputError, match="'nonexistent' not found.*one split, 'train'"):
+        load_dataset_rows(cfg)
+
+
 def test_tiny_dataset_resolves(tiny_assets):
     ds = load_dataset_rows(DataConfig())
     assert len(ds) == len(datasets.load_from_disk(str(tiny_assets.corpus_dir)))

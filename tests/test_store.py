@@ -139,6 +139,25 @@ def test_written_flags_and_resume(tmp_path):
     assert store.written is not None and store.written.all()
 
 
+def test_unfinished_stores_are_never_read_as_complete(tmp_path):
+    """A store with unwritten rows, or any ``.part`` directory, is refused by every reader
+    (score's query, serve, Attributor all open stores through ``GradientStore.open``)."""
+    rows = _rows(6)
+    w = GradientStoreWriter(tmp_path / "s", num_items=6, grad_sizes=SIZES)
+    w.write_rows([1, 4], rows[[1, 4]])
+    w.close()
+    with pytest.raises(StoreError, match="incomplete: 2 of 6 rows"):
+        GradientStore.open(tmp_path / "s")
+    w = GradientStoreWriter.reopen(tmp_path / "s")
+    w.write_rows([0, 2, 3, 5], rows[[0, 2, 3, 5]])
+    w.close()
+    (tmp_path / "s").rename(tmp_path / "r.part")
+    with pytest.raises(StoreError, match="unfinished run"):
+        GradientStore.open(tmp_path / "r.part")
+    (tmp_path / "r.part").rename(tmp_path / "r")
+    assert GradientStore.open(tmp_path / "r").written.all()
+
+
 def test_writer_refuses_existing_store_and_bad_input(tmp_path):
     GradientStoreWriter(tmp_path, num_items=2, grad_sizes=SIZES).close()
     with pytest.raises(StoreError, match="reopen"):
@@ -421,8 +440,13 @@ def test_pth_is_never_unpickled(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"m": Evil()}, tmp_path / "hessians.pth")
-    with pytest.raises(StoreError, match="weights_only=True"):
+    with pytest.raises(StoreError, match=r"hessians.pth is a pickle with code in it; .*safetensors"):
         load_hessians(tmp_path)
+    (tmp_path / "broken.pt").write_bytes(b"not a torch file")
+    from bergson_ray.store.files import load_tensors_only
+
+    with pytest.raises(StoreError, match="broken.pt is not a readable torch file"):
+        load_tensors_only(tmp_path / "broken.pt")
 
 
 def test_total_processed_json_and_pt(tmp_path):

@@ -157,7 +157,7 @@ def test_final_parameters_match_bergson(name, tmp_path):
 
     if (theirs / "optimizer.pt").exists():
         mine = torch.load(ours / "optimizer.pt", weights_only=True)
-        ref = torch.load(theirs / "optimizer.pt", weights_only=False)
+        ref = torch.load(theirs / "optimizer.pt", weights_only=True)
         assert mine["state"].keys() == ref["state"].keys()
         assert mine["param_groups"] == [{"params": list(ref["state"])}] == ref["param_groups"]
         for idx, entry in ref["state"].items():

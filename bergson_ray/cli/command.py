@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .args import add_dataclass_args, build_dataclass
+from .preflight import check_paths
 
 RUN_PATH_HELP = "output directory (written as RUN_PATH.part, renamed when complete)"
 
@@ -44,6 +45,7 @@ class ConfigCommand:
 
     def execute(self, cfg: Any) -> Any:
         """Run the pipeline on a config; returns what it returns (usually the run dir)."""
+        check_paths(cfg)  # a missing path costs a second, not the pipeline's imports
         module, func = self.pipeline.split(":")
         return getattr(importlib.import_module(module), func)(cfg)
 

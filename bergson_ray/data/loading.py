@@ -69,12 +69,28 @@ def _apply_split(get_split, spec: str) -> datasets.Dataset:
 # ----------------------------------------------------------------------------- sources
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
+    """A dataset name that can only mean a local path (never a Hub id)."""
     return name.startswith(("/", "./", "../", "~")) or Path(name).suffix.lower() in FILE_BUILDERS
 
 
 def _is_save_to_disk_dir(path: Path) -> bool:
     return any((path / marker).exists() for marker in _SAVE_TO_DISK_MARKERS)
+
+
+def _single_split(ds: datasets.Dataset, where: Any):
+    """``get_split`` for a source with one split: "train" is it, any other name is an error
+    (silently reading everything for ``--split test`` would attribute the wrong data)."""
+
+    def get_split(name: str) -> datasets.Dataset:
+        if name != "train":
+            raise BadInputError(
+                f"split {name!r} not found in {where}: it has one split, 'train' "
+                "(slice it, e.g. --split 'train[:1000]')"
+            )
+        return ds
+
+    return get_split
 
 
 def _load_save_to_disk(path: Path, split: str) -> datasets.Dataset:
@@ -91,8 +107,8 @@ def _load_save_to_disk(path: Path, split: str) -> datasets.Dataset:
             return obj[name]
 
         return _apply_split(get_split, split)
-    # A bare Dataset has no split names: only the slice part of the spec applies.
-    return _apply_split(lambda _name: obj, split)
+    # A bare Dataset is one split, named "train" as datasets names local data.
+    return _apply_split(_single_split(obj, path), split)
 
 
 def _load_files(pattern: str, split: str, kwargs: dict[str, Any]) -> datasets.Dataset:
@@ -108,8 +124,8 @@ def _load_files(pattern: str, split: str, kwargs: dict[str, Any]) -> datasets.Da
         full = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except (ValueError, OSError, TypeError) as exc:
         raise BadInputError(f"could not read {pattern!r} as {builder}: {exc}") from exc
-    # Local files form one split; the spec's split name is irrelevant, its slice is not.
-    return _apply_split(lambda _name: full, split)
+    # Local files form one split, "train" (as datasets names it); its slice still applies.
+    return _apply_split(_single_split(full, pattern), split)
 
 
 def _load_data_folder(path: Path, split: str, kwargs: dict[str, Any]) -> datasets.Dataset:
@@ -159,7 +175,7 @@ def load_dataset_rows(cfg: DataConfig) -> datasets.Dataset:
             ds = _load_data_folder(local, cfg.split, kwargs)
     elif local.suffix.lower() in FILE_BUILDERS:
         ds = _load_files(str(local), cfg.split, kwargs)
-    elif _looks_local(name) or local.exists():
+    elif looks_local(name) or local.exists():
         raise BadInputError(
             f"dataset path {name!r} does not exist or is not a supported format "
             f"(a save_to_disk dir or a {'/'.join(FILE_BUILDERS)} file)"

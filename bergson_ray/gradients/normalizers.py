@@ -163,7 +163,9 @@ def _moments_by_param_name(file: Path, model: nn.Module) -> dict[str, dict[str, 
             pname, _, field = key.rpartition(".")
             out.setdefault(pname, {})[field] = val
         return out
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    from ..store.files import load_tensors_only
+
+    state = load_tensors_only(file)
     if not isinstance(state, dict) or "state" not in state:
         raise BadInputError(f"{file} is not an optimizer state_dict (no 'state' key)")
     names = [n for n, _ in model.named_parameters()]

@@ -55,6 +55,8 @@ def build(
     """
 
     from ..actors.batch_worker import Rows
+    from ..store.config_yaml import check_resume_settings
+    from ..store.files import check_room
     from ..store.gradient_writer import GradientStoreWriter
     from ..store.processor import ProcessorConfig, save_processor, write_total_processed
     from ..store.run_dir import RunDir
@@ -64,14 +66,18 @@ def build(
 
     cfg = as_config(BuildConfig, cfg, **overrides)
     validate_build(cfg)
-    run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite, resume=cfg.run.resume)
-    part = Path(run.part)
     t0 = time.perf_counter()
     ds, advantages = open_dataset(cfg)
     layout: Layout = plan_layout(cfg.model, cfg.grad)
     n = len(ds)
+    if not (cfg.grad.attribute_tokens or cfg.run.resume):  # per-token counts come later
+        check_room(Path(cfg.run.run_path).parent, n * layout.dim * layout.dtype.itemsize,
+                   f"the store ({n} rows x {layout.dim} columns)")
+    run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite, resume=cfg.run.resume)
+    part = Path(run.part)
     resuming = (part / "info.json").exists()
     if resuming:
+        check_resume_settings(part, "build", cfg)
         writer = GradientStoreWriter.reopen(part)
         if writer.grad_sizes != layout.grad_sizes or writer.num_items != n:
             raise BadInputError(
@@ -79,6 +85,10 @@ def build(
             )
     else:
         offsets = token_offsets(cfg, ds) if cfg.grad.attribute_tokens else None
+        if offsets is not None:
+            rows = int(offsets[-1])
+            check_room(part, rows * layout.dim * layout.dtype.itemsize,
+                       f"the store ({rows} token rows x {layout.dim} columns)")
         writer = GradientStoreWriter(
             part,
             num_items=n,

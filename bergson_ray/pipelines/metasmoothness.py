@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from ..config import as_config
 from ..config.training import MetasmoothnessRunConfig
 from ..errors import BadInputError
 from ..store.run_dir import RunDir
@@ -23,8 +24,9 @@ from ..training.model import make_model, max_model_length
 RESULT_FILE = "metasmoothness.json"
 
 
-def metasmoothness(cfg: MetasmoothnessRunConfig) -> str:
+def metasmoothness(cfg: MetasmoothnessRunConfig | dict | None = None, **overrides: object) -> str:
     """Run the probe and return the committed run directory."""
+    cfg = as_config(MetasmoothnessRunConfig, cfg, **overrides)
     if not cfg.run.run_path:
         raise BadInputError("metasmoothness needs a run path")
     run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite)

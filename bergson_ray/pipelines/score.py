@@ -162,6 +162,9 @@ def score(
     cols = 1 if cfg.score.score in ("nearest", "max", "mean") else len(query)
     per_token = cfg.grad.attribute_tokens
     if (part / "scores.bin").exists():
+        from ..store.config_yaml import check_resume_settings
+
+        check_resume_settings(part, "score", cfg)
         writer = ScoreWriter.reopen(part)
         if writer.num_scores != cols or writer.num_items != n:
             raise BadInputError(f"--resume: {part} was started with other settings")

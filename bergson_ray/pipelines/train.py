@@ -22,6 +22,7 @@ import logging
 import time
 from pathlib import Path
 
+from ..config import as_config
 from ..config.training import TrainRunConfig
 from ..store.run_dir import RunDir
 from ..training import export
@@ -32,8 +33,9 @@ from ..training.model import make_model, max_model_length
 log = logging.getLogger(__name__)
 
 
-def train(cfg: TrainRunConfig) -> str:
+def train(cfg: TrainRunConfig | dict | None = None, **overrides: object) -> str:
     """Run ``cfg`` and return the committed run directory."""
+    cfg = as_config(TrainRunConfig, cfg, **overrides)
     if not cfg.run.run_path:
         from ..errors import BadInputError
 

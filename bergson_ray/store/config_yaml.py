@@ -185,3 +185,45 @@ def build_step_body(cfg: Any) -> dict[str, Any]:
     body["index_cfg"] = bergson_index_cfg(cfg)
     body["preprocess_cfg"] = bergson_preprocess_cfg(cfg.preprocess)
     return body
+
+
+RESUME_FREE_SECTIONS = ("run", "ray")
+"""Config sections that never shape a stored row: where and how wide the run goes."""
+
+
+def check_resume_settings(part: str | Path, command: str, cfg: Any) -> None:
+    """Refuse to ``--resume`` ``part`` with settings other than those it was started with.
+
+    Every field outside :data:`RESUME_FREE_SECTIONS` shapes a row (model, data, columns,
+    projection, normalizers, precision, token budget, preprocessing, scoring), so a
+    difference would silently mix two runs in one store. The message names the first few
+    differences as ``--flag: started with X, now Y``.
+    """
+    from ..errors import BadInputError
+
+    if not (Path(part) / "config.yaml").is_file():
+        return  # nothing recorded yet: the interrupted run died before writing its config
+    started = load_step_config(part, type(cfg), command)
+    before = _leaves(dataclasses.asdict(started))
+    now = _leaves(dataclasses.asdict(cfg))
+    diffs = [
+        f"--{key.rsplit('.', 1)[-1]}: started with {before.get(key)!r}, now {now.get(key)!r}"
+        for key in sorted(set(before) | set(now))
+        if key.split(".", 1)[0] not in RESUME_FREE_SECTIONS and before.get(key) != now.get(key)
+    ]
+    if diffs:
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise BadInputError(
+            f"--resume: {part} was started with other settings ({shown}); rerun with the "
+            "same settings, or use --overwrite to start again"
+        )
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

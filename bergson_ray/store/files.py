@@ -28,6 +28,36 @@ def open_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...], mode: str) 
     return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
 
 
+def human_bytes(n: float) -> str:
+    """``1.5e12`` -> ``'1.4 TiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_room(directory: Path, nbytes: int, what: str) -> None:
+    """Refuse, before anything is written, a file that cannot fit on ``directory``'s disk.
+
+    Stores are pre-sized sparse files, so without this a too-large store is created at
+    once and fails much later (or at the first row) with an OS error far from the cause.
+    """
+    import shutil
+
+    from ..errors import BadInputError
+
+    probe = Path(directory)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if nbytes > free:
+        raise BadInputError(
+            f"{what} would take {human_bytes(nbytes)}, but {probe} has only "
+            f"{human_bytes(free)} free; lower --projection_dim, filter modules or use a bigger disk"
+        )
+
+
 def presize(path: Path, nbytes: int) -> None:
     """Create ``path`` with ``nbytes`` zero bytes without writing them (sparse file)."""
     with open(path, "wb") as f:
@@ -117,3 +147,33 @@ def offsets_from_counts(counts: Sequence[int] | np.ndarray) -> np.ndarray:
     out = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=out[1:])
     return out
+
+
+def load_tensors_only(path: Path) -> Any:
+    """``torch.load`` that can never execute code from the file (bergson's ``.pt``/``.pth``).
+
+    A pickle that would need code to load is refused with one sentence saying so, not
+    torch's page-long explanation.
+    """
+    import pickle
+
+    import torch
+
+    from ..errors import StoreError
+
+    try:
+        # eigh's result type is a plain tuple of tensors; allowing it costs no safety and
+        # accepts files where someone saved torch.linalg.eigh(...) without unpacking it.
+        with torch.serialization.safe_globals([torch.return_types.linalg_eigh]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise StoreError(
+                f"{path} is a pickle with code in it; bergson_ray reads only safetensors or "
+                "weights-only tensor files (save tensors, dicts and numbers, or use safetensors)"
+            ) from None
+        raise StoreError(f"{path} is not a readable torch file (not a tensor pickle)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StoreError(f"{path} is not a readable torch file: {first}") from None
+

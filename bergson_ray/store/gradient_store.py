@@ -65,10 +65,22 @@ class GradientStore:
                     "(rerun it with --resume)"
                 )
             raise StoreError(f"gradient store {path} does not exist")
+        if path.name.endswith(".part"):
+            raise StoreError(
+                f"{path} is an unfinished run (a .part directory); finish it with --resume "
+                "and use the completed store"
+            )
         info, offsets = read_layout(path)
         if not info.attribute_tokens and info.num_grads != info.num_items:
             logger.debug("%s: %d rows for %d items", path, info.num_grads, info.num_items)
-        return cls(path, info, offsets)
+        store = cls(path, info, offsets)
+        written = store.written
+        if written is not None and not written.all():
+            raise StoreError(
+                f"{path} is incomplete: {int(written.sum())} of {len(written)} rows were "
+                "written; finish the run with --resume"
+            )
+        return store
 
     # -- metadata
 

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from bergson_ray.errors import StoreError
-from bergson_ray.store.files import read_yaml
+from bergson_ray.store.files import load_tensors_only, read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -167,16 +167,7 @@ class NormalizerState:
 
 def _torch_load(path: Path) -> Any:
     """``torch.load`` that can never execute code from the file."""
-    try:
-        # eigh's result type is a plain tuple of tensors; allowing it costs no safety and
-        # accepts files where someone saved torch.linalg.eigh(...) without unpacking it.
-        with torch.serialization.safe_globals([torch.return_types.linalg_eigh]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types
-        raise StoreError(
-            f"cannot read {path} with torch.load(weights_only=True): {e}. "
-            "Only tensors, dicts, lists, tuples, strings and numbers are accepted."
-        ) from e
+    return load_tensors_only(path)
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -48,6 +48,8 @@ def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kw
 
     if ray.is_initialized():
         return
+    if not os.environ.get("RAY_ADDRESS", "x").strip():
+        os.environ.pop("RAY_ADDRESS")  # set but empty means unset (Ray itself would choke on it)
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         set_loopback_env(**LOCAL_DEFAULTS)
