@@ -8,6 +8,8 @@ original one back out so the user never sees Ray's plumbing.
 
 from __future__ import annotations
 
+import re
+
 
 class BergsonRayError(Exception):
     """Base class: a problem the user can fix, described in plain words."""
@@ -59,3 +61,15 @@ def decode_error(text: str) -> BergsonRayError:
     name, _, message = str(text).partition(": ")
     classes = {c.__name__: c for c in (BadInputError, StoreError, RunExistsError, BergsonRayError)}
     return classes.get(name, BergsonRayError)(message)
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing sentence of ``err``: its message, or, when a Ray wrapper made the
+    message a remote traceback, the last line of it without the exception's class name."""
+    msg = str(err).strip()
+    if "\n" not in msg or not any(m in msg for m in ("Traceback", "ray::", 'File "')):
+        return msg
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    return re.sub(r"^(?:[\w.]+\.)?\w*(?:Error|Exception)(?:\([^)]*\))?: ", "", last)
+

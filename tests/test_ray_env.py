@@ -32,3 +32,42 @@ def test_explicit_address_wins_over_the_environment(monkeypatch):
     calls.clear()
     ray_env.init_ray(None)
     assert calls[0]["address"] == "127.0.0.1:6399"
+
+
+def test_more_workers_than_a_local_ray_can_place_are_capped(monkeypatch):
+    """``--num_workers 64`` on a 2-CPU local Ray used to wait forever for CPUs that never
+    come; a local Ray never grows, so the pool is capped (a cluster only gets a warning)."""
+    from bergson_ray.config import RayConfig
+    from bergson_ray.pipelines import placement, stages
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_env, "cluster_cpus", lambda: 2.0)
+    monkeypatch.setattr(placement, "gpu_capacity", lambda: (0, 0))
+    assert stages.worker_pool(RayConfig(num_workers=64)).size == 4
+    assert stages.worker_pool(RayConfig(num_workers=3)).size == 3
+    assert stages.worker_pool(RayConfig(num_workers=64, cpus_per_worker=1)).size == 2
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6399")
+    assert stages.worker_pool(RayConfig(num_workers=64)).size == 64
+
+
+def test_a_remote_traceback_prints_as_its_last_sentence(capsys):
+    """Ray sometimes hands back a user error whose message is the remote traceback; the
+    CLI still prints one line (``query --k 0`` against a service)."""
+    from bergson_ray.cli.main import _guarded
+    from bergson_ray.errors import BadInputError
+
+    remote = BadInputError(
+        "ray::QueryActor.query() (pid=7, ip=127.0.0.1)\n"
+        '  File "/x/faiss_index.py", line 252, in check_k\n'
+        "    raise BadInputError(...)\n"
+        "bergson_ray.errors.BadInputError: k must be >= 1, got 0"
+    )
+
+    def fail():
+        raise remote
+
+    assert _guarded(fail) == 2
+    assert capsys.readouterr().err == "error: k must be >= 1, got 0\n"
+    multi = BadInputError("two lines\nof our own")
+    assert _guarded(lambda: (_ for _ in ()).throw(multi)) == 2
+    assert capsys.readouterr().err == "error: two lines\nof our own\n"

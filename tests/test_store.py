@@ -156,6 +156,11 @@ def test_unfinished_stores_are_never_read_as_complete(tmp_path):
         GradientStore.open(tmp_path / "r.part")
     (tmp_path / "r.part").rename(tmp_path / "r")
     assert GradientStore.open(tmp_path / "r").written.all()
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "scores.bin").write_bytes(b"\0" * 8)
+    (tmp_path / "scores" / "info.json").write_text("{}")
+    with pytest.raises(StoreError, match="is a score store .*not a gradient store"):
+        GradientStore.open(tmp_path / "scores")
 
 
 def test_writer_refuses_existing_store_and_bad_input(tmp_path):

@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from ..errors import BergsonRayError, unwrap
+from ..errors import BergsonRayError, one_line, unwrap
 
 COMMANDS: dict[str, str] = {
     "quickstart": "bergson_ray.cli.quickstart",
@@ -97,7 +97,7 @@ def _guarded(call) -> int:
     except Exception as exc:  # noqa: BLE001 - translate user errors into one line
         err = unwrap(exc)
         if isinstance(err, BergsonRayError):
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
         raise
 

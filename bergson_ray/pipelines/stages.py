@@ -134,6 +134,21 @@ def worker_pool(ray_cfg: RayConfig) -> PoolPlan:
         )
     size = ray_cfg.num_workers or 1
     cpus = cluster_cpus()
+    fit = max(1, int(cpus // ray_cfg.cpus_per_worker))
+    if size > fit:
+        remote = bool(ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+        if not remote:  # a local Ray never grows: the extra workers would wait forever
+            log.warning(
+                "--num_workers %d x --cpus_per_worker %g needs %g CPUs but this Ray has %g: "
+                "starting %d workers", size, ray_cfg.cpus_per_worker,
+                size * ray_cfg.cpus_per_worker, cpus, fit,
+            )
+            size = fit
+        else:
+            log.warning(
+                "--num_workers %d needs %g CPUs, the cluster has %g now: the rest wait for "
+                "the autoscaler", size, size * ray_cfg.cpus_per_worker, cpus,
+            )
     threads = ray_cfg.torch_threads or max(1, int(cpus // size))
     return PoolPlan(size, ray_cfg.cpus_per_worker, 0.0, threads, "cpu")
 

@@ -150,6 +150,11 @@ def _legacy_grad_sizes(dtype: dict, base: str, source: str) -> dict[str, int]:
 def read_layout(path: Path) -> tuple[StoreInfo, np.ndarray | None]:
     """An existing store's ``info.json`` (checked against the size of ``gradients.bin``)
     and, for per-token stores, its ``offsets.npy``."""
+    if (path / "scores.bin").is_file() and not (path / GRADIENTS_BIN).is_file():
+        raise StoreError(
+            f"{path} is a score store (scores.bin), not a gradient store: pass a store "
+            "written by build or reduce"
+        )
     info = StoreInfo.read(path)
     check_bin_size(path / GRADIENTS_BIN, info)
     offsets = (
