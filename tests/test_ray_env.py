@@ -11,6 +11,7 @@ def _capture(monkeypatch) -> list[dict]:
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray_env, "check_reachable", lambda address: None)
     return calls
 
 
@@ -71,3 +72,24 @@ def test_a_remote_traceback_prints_as_its_last_sentence(capsys):
     multi = BadInputError("two lines\nof our own")
     assert _guarded(lambda: (_ for _ in ()).throw(multi)) == 2
     assert capsys.readouterr().err == "error: two lines\nof our own\n"
+
+
+def test_a_dead_address_is_an_error_within_seconds():
+    """``ray.init`` would retry a dead GCS address for minutes; a TCP probe says no at once."""
+    import socket
+    import time
+
+    import pytest
+
+    from bergson_ray.errors import BadInputError
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(BadInputError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        ray_env.init_ray(f"127.0.0.1:{port}")
+    print(f"dead address refused after {time.perf_counter() - t0:.2f}s")
+    with pytest.raises(BadInputError, match="not host:port"):
+        ray_env.check_reachable("127.0.0.1:http")
+    ray_env.check_reachable("auto")  # left to Ray

@@ -80,11 +80,15 @@ def _pipeline_document(argv: list[str]) -> tuple[str | None, str]:
 
 
 def _setup_logging(level: str) -> None:
+    """Our messages at ``level``; other libraries' only from WARNING up unless DEBUG is
+    asked for (faiss, datasets and Ray announce their internals at INFO)."""
+    ours = getattr(logging, str(level).upper(), logging.INFO)
     logging.basicConfig(
-        level=getattr(logging, str(level).upper(), logging.INFO),
+        level=ours if ours <= logging.DEBUG else max(ours, logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("bergson_ray").setLevel(ours)
 
 
 def _guarded(call) -> int:

@@ -51,11 +51,39 @@ def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kw
     if not os.environ.get("RAY_ADDRESS", "x").strip():
         os.environ.pop("RAY_ADDRESS")  # set but empty means unset (Ray itself would choke on it)
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
     if not address:
         set_loopback_env(**LOCAL_DEFAULTS)
         kwargs.setdefault("include_dashboard", False)
     log.info("ray.init(address=%s)", address or "<local>")
     ray.init(address=address, namespace=namespace, log_to_driver=True, **kwargs)
+
+
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Fail within seconds if nothing listens at a ``host:port`` GCS address.
+
+    ``ray.init`` retries a dead address for minutes (and ignores Ctrl-C meanwhile); a
+    TCP connect answers at once. ``auto``, ``local`` and ``ray://`` addresses are left
+    to Ray.
+    """
+    import socket
+
+    from ..errors import BadInputError
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return
+    except ValueError:
+        raise BadInputError(f"Ray address {address!r} is not host:port") from None
+    except OSError as err:
+        raise BadInputError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
+            "`ray start --head`, or leave --address and RAY_ADDRESS unset for a local Ray"
+        ) from None
 
 
 def cluster_cpus() -> float:
