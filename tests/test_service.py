@@ -205,3 +205,23 @@ def test_http_endpoint_checks_the_bearer_token(services, store, local):
 
         stop("svchttp", NS)
         rserve.shutdown()
+
+
+def test_http_without_ray_serve_fails_before_anything_starts(monkeypatch):
+    """Without the ``serve`` extra, ``serve --http`` says so before a single actor starts
+    (it used to leave the index and query actors of a failed command running)."""
+    import importlib.util
+
+    from bergson_ray.errors import BadInputError
+    from bergson_ray.pipelines import serve as serve_pipeline
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray.serve" else real(name, *a)
+    )
+    started = []
+    monkeypatch.setattr(serve_pipeline, "connect_cluster", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(serve_pipeline, "validate", lambda cfg: None)
+    with pytest.raises(BadInputError, match=r"--http needs Ray Serve"):
+        serve_pipeline.serve(store="/tmp/anything", http=True)
+    assert started == []

@@ -137,6 +137,8 @@ def serve(cfg: ServeConfig | None = None, **overrides: Any) -> dict:
     cfg = as_config(ServeConfig, cfg, **overrides)
     cfg = dataclasses.replace(cfg, store=os.path.abspath(os.path.expanduser(cfg.store)))
     spec = validate(cfg)
+    if cfg.http:
+        require_serve()
     connect_cluster(cfg.address, cfg.namespace, start_if_missing=True)
     if _get_actor(cfg.name, cfg.namespace) is not None:
         raise BadInputError(
@@ -181,10 +183,23 @@ def serve(cfg: ServeConfig | None = None, **overrides: Any) -> dict:
             raise err from None
         raise
     log.info("service %r ready in %.1fs", cfg.name, time.perf_counter() - t0)
-    info = ray.get(front.info.remote(), timeout=60)
-    if cfg.http:
-        info["http"] = start_http(cfg)
+    try:
+        info = ray.get(front.info.remote(), timeout=60)
+        if cfg.http:
+            info["http"] = start_http(cfg)
+    except BaseException:  # a failed serve leaves nothing running behind it
+        for h in [front, *shards]:
+            ray.kill(h, no_restart=True)
+        raise
     return info
+
+
+def require_serve() -> None:
+    """``--http`` needs Ray Serve: say so before anything starts."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray.serve") is None or importlib.util.find_spec("fastapi") is None:
+        raise BadInputError("--http needs Ray Serve: pip install 'bergson_ray[serve]'")
 
 
 def start_http(cfg: ServeConfig) -> dict:
