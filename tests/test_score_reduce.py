@@ -194,3 +194,42 @@ def test_bad_query_inputs(stores, tmp_path):
         score(run_path=tmp_path / "f", dataset="tiny", split="train[:0]", query_path=str(query), **COMMON)
     for name in "abcef":
         assert not (tmp_path / name).exists()
+
+
+def _query_record(path, model: str):
+    """A query store's ``config.yaml`` as ``build`` writes it (only the record matters)."""
+    from bergson_ray.config import BuildConfig, ModelConfig, RunConfig
+    from bergson_ray.store.config_yaml import build_step_body
+    from bergson_ray.store.run_dir import RunDir
+
+    run = RunDir(path)
+    run.write_config(build_step_body(BuildConfig(run=RunConfig(str(path)), model=ModelConfig(model))),
+                     command="build")
+    return run.commit()
+
+
+def test_query_store_from_another_model_is_refused_or_flagged(tmp_path, tiny_assets, caplog):
+    """Same projection size is not enough: another architecture is refused naming the
+    difference, other weights of the same architecture are scored with a warning, and a
+    module the query never saw is refused."""
+    from transformers import AutoConfig
+
+    from bergson_ray.config import ModelConfig, ScoreRunConfig
+    from bergson_ray.errors import BadInputError
+    from bergson_ray.pipelines.score import check_query_model
+
+    base = AutoConfig.from_pretrained(str(tiny_assets.model_dir))
+    wider = tmp_path / "wider"
+    base.hidden_size *= 2
+    base.save_pretrained(wider)
+    same = tmp_path / "same"
+    AutoConfig.from_pretrained(str(tiny_assets.model_dir)).save_pretrained(same)
+    cfg = ScoreRunConfig(model=ModelConfig("tiny"))
+    mods = ["layers.0.mlp.dense_h_to_4h"]
+    with pytest.raises(BadInputError, match=r"another architecture .*hidden_size=256 vs 128"):
+        check_query_model(_query_record(tmp_path / "qa", str(wider)), cfg, mods, mods)
+    with caplog.at_level("WARNING"):
+        check_query_model(_query_record(tmp_path / "qb", str(same)), cfg, mods, mods)
+    assert "same architecture, other weights" in caplog.text
+    with pytest.raises(BadInputError, match="no rows for module"):
+        check_query_model(tmp_path / "qb", cfg, mods, mods + ["embed_out"])

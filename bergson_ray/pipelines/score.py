@@ -74,6 +74,51 @@ def check_query_compatible(query_path: Path, cfg: ScoreRunConfig) -> None:
         )
 
 
+_CONFIG_NOISE = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype"}
+
+
+def check_query_model(query_path: Path, cfg: ScoreRunConfig, store_modules: list[str],
+                      target_modules: list[str]) -> None:
+    """Refuse a query store from another architecture or module set; warn when it comes
+    from the same architecture with other weights (bergson allows that; it mixes two
+    models' gradients, so the user should know)."""
+    from ..store.config_yaml import load_step_config
+    from .stages import model_config
+
+    missing = [m for m in target_modules if m not in store_modules]
+    if missing:
+        raise BadInputError(
+            f"query store {query_path} has no rows for module(s) {', '.join(missing[:3])}"
+            + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+            + ": it was built from another model or module set; rebuild it with this --model"
+        )
+    try:
+        built = load_step_config(query_path, BuildConfig).model
+    except (StoreError, ValueError, TypeError):
+        return  # a store whose config we cannot read: the projection checks still ran
+    if (built.model, built.revision) == (cfg.model.model, cfg.model.revision):
+        return
+    try:
+        theirs, mine = model_config(built).to_dict(), model_config(cfg.model).to_dict()
+    except BadInputError:
+        log.warning("query store %s was built from %s; cannot compare it with %s",
+                    query_path, built.model, cfg.model.model)
+        return
+    differ = sorted(k for k in set(theirs) | set(mine)
+                    if k not in _CONFIG_NOISE and theirs.get(k) != mine.get(k))
+    if differ:
+        shown = ", ".join(f"{k}={theirs.get(k)!r} vs {mine.get(k)!r}" for k in differ[:3])
+        raise BadInputError(
+            f"query store {query_path} was built from {built.model!r}, another architecture "
+            f"than --model {cfg.model.model!r} ({shown}); rebuild the query with this model"
+        )
+    log.warning(
+        "query store %s was built from %s, this run scores with %s: same architecture, other "
+        "weights, so the scores compare gradients of two different models",
+        query_path, built.model, cfg.model.model,
+    )
+
+
 def query_preprocess_done(query_path: Path) -> PreprocessConfig | None:
     """What the query store's own build already applied (None for stores we can't read)."""
     from ..store.config_yaml import load_step_config
@@ -95,6 +140,7 @@ def load_query_matrix(cfg: ScoreRunConfig, target_sizes: dict[str, int]) -> torc
         raise BadInputError(f"--query_path {qpath} does not exist")
     store = GradientStore.open(qpath)
     check_query_compatible(qpath, cfg)
+    check_query_model(qpath, cfg, list(store.grad_sizes), list(target_sizes))
     if store.num_grads == 0:
         raise BadInputError(f"query store {qpath} has no rows")
     rows = store.rows(np.arange(store.num_grads))
