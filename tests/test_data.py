@@ -331,6 +331,29 @@ def test_a_split_that_does_not_exist_is_an_error(formats, name):
         load_dataset_rows(cfg)
 
 
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("empty.jsonl", b"", "is empty"),
+        ("binary.jsonl", b"\x00\x01\x02\xff\xfe", "could not read .* as json"),
+        ("ragged.csv", b"a,b\n1,2\n3,4,5\n", "could not read .* as csv.*same columns"),
+        ("blank.jsonl", b"\n", "could not read|has no rows"),
+    ],
+)
+def test_unreadable_files_are_one_sentence(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(BadInputError, match=match) as info:
+        load_dataset_rows(DataConfig(dataset=str(tmp_path / name),
+                                     data_kwargs=f"cache_dir={tmp_path / 'hf'}"))
+    assert "\n" not in str(info.value)
+
+
+def test_a_dataset_without_rows_is_refused(tmp_path):
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "none"))
+    with pytest.raises(BadInputError, match="has no rows|is it empty or damaged"):
+        load_dataset_rows(DataConfig(dataset=str(tmp_path / "none")))
+
+
 def test_tiny_dataset_resolves(tiny_assets):
     ds = load_dataset_rows(DataConfig())
     assert len(ds) == len(datasets.load_from_disk(str(tiny_assets.corpus_dir)))

@@ -96,7 +96,13 @@ def _single_split(ds: datasets.Dataset, where: Any):
 def _load_save_to_disk(path: Path, split: str) -> datasets.Dataset:
     import datasets
 
-    obj = datasets.load_from_disk(str(path))
+    try:
+        obj = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - e.g. datasets fails on a saved 0-row dataset
+        raise BadInputError(
+            f"could not open the saved dataset {str(path)!r} (is it empty or damaged?): "
+            f"{type(exc).__name__}"
+        ) from None
     if isinstance(obj, datasets.DatasetDict):
 
         def get_split(name: str) -> datasets.Dataset:
@@ -120,10 +126,18 @@ def _load_files(pattern: str, split: str, kwargs: dict[str, Any]) -> datasets.Da
         raise BadInputError(f"dataset file {pattern!r} does not exist (no file matches it)")
     suffix = Path(pattern).suffix.lower()
     builder = FILE_BUILDERS[suffix]
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise BadInputError(f"dataset file {empty[0]!r} is empty")
     try:
         full = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-    except (ValueError, OSError, TypeError) as exc:
-        raise BadInputError(f"could not read {pattern!r} as {builder}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad file
+        cause = exc.__cause__ or exc.__context__ or exc
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise BadInputError(
+            f"could not read {pattern!r} as {builder} (is it a valid, UTF-8 {builder} file "
+            f"with the same columns on every row?): {detail[:200]}"
+        ) from None
     # Local files form one split, "train" (as datasets names it); its slice still applies.
     return _apply_split(_single_split(full, pattern), split)
 
@@ -182,6 +196,8 @@ def load_dataset_rows(cfg: DataConfig) -> datasets.Dataset:
         )
     else:
         ds = _load_hub(name, cfg, kwargs)
+    if len(ds) == 0:
+        raise BadInputError(f"dataset {cfg.dataset!r} (split {cfg.split!r}) has no rows")
     log.debug("loaded %s: %d rows, columns %s", name, len(ds), ds.column_names)
     return ds
 
