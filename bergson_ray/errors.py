@@ -73,3 +73,27 @@ def one_line(err: BaseException) -> str:
     last = lines[-1] if lines else type(err).__name__
     return re.sub(r"^(?:[\w.]+\.)?\w*(?:Error|Exception)(?:\([^)]*\))?: ", "", last)
 
+
+def load_error(what: str, name: str, err: BaseException) -> BadInputError:
+    """One sentence for a model, tokenizer or config that ``from_pretrained`` could not load.
+
+    transformers answers with a paragraph (and safetensors with a parser error); what the
+    user needs is which of three things happened: nothing can be downloaded here, the
+    name does not exist, or a local file is damaged.
+    """
+    import os
+
+    text = " ".join(str(err).split())
+    if type(err).__name__ == "SafetensorError" or "safetensors" in text.lower() and "header" in text:
+        return BadInputError(f"{what} {name!r}: a .safetensors file is damaged or truncated ({text[:120]})")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if offline or "offline" in text.lower() or "couldn't connect" in text.lower():
+        return BadInputError(
+            f"{what} {name!r} is not a local directory and nothing can be downloaded here "
+            "(offline); pass the path of a local copy"
+        )
+    if "is not a local folder and is not a valid model identifier" in text or "404" in text:
+        return BadInputError(f"{what} {name!r} is neither a local directory nor a model on the Hub")
+    return BadInputError(f"could not load {what} {name!r}: {text[:300]}")
+

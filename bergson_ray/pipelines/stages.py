@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..config import BuildConfig, GradientConfig, ModelConfig, RayConfig
-from ..errors import BadInputError, BergsonRayError, decode_error, unwrap
+from ..errors import BadInputError, BergsonRayError, decode_error, load_error, unwrap
 from ..runners.gradient_runner import RunnerSpec
 from ..utils.dtypes import torch_dtype
 
@@ -64,8 +64,8 @@ def model_config(model_cfg: ModelConfig):
     name = resolve_model_name(model_cfg.model)
     try:
         return AutoConfig.from_pretrained(name, revision=model_cfg.revision)
-    except (OSError, ValueError) as err:
-        raise BadInputError(f"could not load model config for {model_cfg.model!r}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - transformers raises many types
+        raise load_error("model", model_cfg.model, err) from None
 
 
 def meta_model(model_cfg: ModelConfig, hf_cfg=None):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import TINY, ModelConfig
-from ..errors import BadInputError
+from ..errors import BadInputError, load_error
 from ..utils.dtypes import torch_dtype
 from ..utils.kv import parse_kv
 
@@ -53,13 +53,13 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
             dtype=model_dtype(cfg.precision),
             **kwargs,
         )
-    except (OSError, ValueError) as err:
-        raise BadInputError(f"could not load model {cfg.model!r}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...
+        raise load_error("model", cfg.model, err) from None
     tok_name = resolve_model_name(cfg.tokenizer) if cfg.tokenizer else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(tok_name), revision=cfg.revision)
-    except (OSError, ValueError) as err:
-        raise BadInputError(f"could not load tokenizer {tok_name!r}: {err}") from err
+    except Exception as err:  # noqa: BLE001
+        raise load_error("tokenizer", tok_name, err) from None
     model.to(device).eval()
     return model, tokenizer
 

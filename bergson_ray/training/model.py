@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config.sections import ModelConfig
 from ..defaults.tiny import resolve_model_path
-from ..errors import BadInputError
+from ..errors import BadInputError, load_error
 from ..utils.kv import parse_kv
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -46,15 +46,15 @@ def make_model(cfg: ModelConfig, dtype: torch.dtype | None = None) -> tuple[nn.M
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=cfg.revision, dtype=want, **{"attn_implementation": "eager", **kwargs}
         )
-    except (OSError, ValueError) as err:
-        raise BadInputError(f"could not load model {cfg.model!r}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...
+        raise load_error("model", cfg.model, err) from None
     if model.dtype not in (torch.float32, torch.float64):
         model = model.float()
     tok_name = resolve(cfg.tokenizer) if cfg.tokenizer else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_name, revision=cfg.revision)
-    except (OSError, ValueError) as err:
-        raise BadInputError(f"could not load tokenizer {tok_name!r}: {err}") from err
+    except Exception as err:  # noqa: BLE001
+        raise load_error("tokenizer", tok_name, err) from None
     model.requires_grad_(True)
     return model.eval(), tokenizer
 
