@@ -21,10 +21,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..config.training import TrainingConfig
-from . import optimizers
 from .checkpoints import checkpoint_steps
 from .data import Batch, TokenizedData, batch_order, collate
 from .losses import doc_mean_losses, token_losses, weighted_sum
+from .optimizers import clip_grads, init_state
+from .optimizers import step as optimizer_step
 from .schedules import lr_schedule
 
 CheckpointFn = Callable[[int, dict[str, Tensor], dict], None]
@@ -179,7 +180,7 @@ def train(
     try:
         with _run_context(cfg, det, threads):
             cur = {k: (v if create_graph else v.detach()) for k, v in start.items()}
-            state = optimizers.init_state(cur, cfg)
+            state = init_state(cur, cfg)
             for i, batch in enumerate(batches):
                 if i in saves:
                     on_checkpoint(i, cur, state)  # type: ignore[misc]
@@ -194,9 +195,9 @@ def train(
                     grads, loss = batch_gradient(
                         model, cur, data, batch, w, cfg, create_graph=create_graph
                     )
-                    grads = optimizers.clip_grads(grads, cfg.max_grad_norm)
+                    grads = clip_grads(grads, cfg.max_grad_norm)
                     lr = schedule(i)
-                    cur, state = optimizers.step(cur, grads, state, lr, cfg)
+                    cur, state = optimizer_step(cur, grads, state, lr, cfg)
                 if not create_graph:
                     cur = {k: v.detach() for k, v in cur.items()}
                     state = _detach_state(state)
