@@ -10,8 +10,20 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "$TORCH_SPEC"
+# pip's own chatter (deprecation banners, resolver notes) goes to a log, not the terminal;
+# a failure prints the log's tail
+LOG=.venv/setup.log
+pipq() {
+  if ! .venv/bin/python -m pip install -q "$@" >>"$LOG" 2>&1; then
+    echo "setup: pip install $* failed; the end of $LOG:" >&2
+    tail -n 30 "$LOG" >&2
+    exit 1
+  fi
+}
+: >"$LOG"
+echo "setup: installing into .venv (details in $LOG)"
+pipq --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || pipq "$TORCH_SPEC"
 # constrain torch to what is installed so no dependency can swap it for a CUDA build
 .venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/torch-constraint.txt
-.venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -e ".[dev,serve]"
+pipq -c .venv/torch-constraint.txt -e ".[dev,serve]"

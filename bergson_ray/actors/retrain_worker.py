@@ -5,25 +5,21 @@ A retrain is a whole training run, so the expensive set-up (tokenizing the train
 query sets, loading the base weights) happens once per actor, in ``__init__``; each call
 then retrains one subset (or evaluates one banked model) and returns only the query losses.
 
-The pool hands each idle actor the next job and writes every result the moment it
-arrives (``LossBook``: one atomic file per job). When an actor dies, only its job in
-flight is lost: that job goes back to the front of the queue and a fresh actor replaces
-the dead one. No Ray Data here: jobs are few and long, and a Ray Data pool has no place
-to keep per-actor state across the whole run as explicitly as this.
+The pool (``job_pool.py``) hands each idle actor the next job; the pipeline writes every
+result the moment it arrives (``LossBook``: one atomic file per job), and a dead actor
+costs only its job in flight.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import BergsonRayError, unwrap
+from .job_pool import JobPool
 
 log = logging.getLogger(__name__)
 
@@ -81,100 +77,7 @@ class RetrainWorker:
         return np.asarray(losses, dtype=np.float64)
 
 
-@dataclass
-class PoolStats:
-    computed: int = 0
-    """Jobs finished (and written) by this invocation."""
-    lost: int = 0
-    """Jobs in flight on an actor that died (each was resubmitted)."""
-    replaced_actors: int = 0
-    seconds: float = 0.0
-    per_key_failures: dict[str, int] = field(default_factory=dict)
-
-
-class RetrainPool:
-    """``size`` RetrainWorker actors with the given resources, and the job loop."""
-
-    MAX_FAILURES_PER_JOB = 3
-
-    def __init__(self, spec: Any, size: int, *, num_cpus: float, num_gpus: float, faults=None):
-        import ray
-
-        self._cls = ray.remote(RetrainWorker).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0
-        )
-        self.spec_ref = ray.put(spec)
-        self.faults = faults
-        self.actors = [self._new_actor() for _ in range(max(1, size))]
-        self.stats = PoolStats()
-
-    def _new_actor(self):
-        return self._cls.remote(self.spec_ref, self.faults)
-
-    def shape(self) -> Any:
-        """The data's shape, from the first actor (its start-up errors surface here)."""
-        import ray
-
-        try:
-            return ray.get(self.actors[0].shape.remote())
-        except Exception as exc:
-            err = unwrap(exc)
-            if isinstance(err, BergsonRayError):
-                raise err from None
-            raise
-
-    def run(self, jobs: list[Job], on_result) -> PoolStats:
-        """Run every job, calling ``on_result(job, losses)`` as each one finishes."""
-        import ray
-        from ray.exceptions import RayActorError
-
-        t0 = time.perf_counter()
-        pending: deque[Job] = deque(jobs)
-        inflight: dict[Any, tuple[int, Job]] = {}
-        idle = list(range(len(self.actors)))
-        while pending or inflight:
-            while idle and pending:
-                slot, job = idle.pop(0), pending.popleft()
-                inflight[self.actors[slot].run.remote(job)] = (slot, job)
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            slot, job = inflight.pop(ready[0])
-            try:
-                losses = ray.get(ready[0])
-            except RayActorError as exc:
-                self._replace(slot, job, exc)
-                pending.appendleft(job)
-            except Exception as exc:
-                err = unwrap(exc)
-                if isinstance(err, BergsonRayError):
-                    raise err from None
-                raise
-            else:
-                on_result(job, losses)
-                self.stats.computed += 1
-            idle.append(slot)
-        self.stats.seconds += time.perf_counter() - t0
-        return self.stats
-
-    def _replace(self, slot: int, job: Job, exc: Exception) -> None:
-        """A worker died with ``job`` in flight: count it and start a fresh worker."""
-        import ray
-
-        err = unwrap(exc)
-        if isinstance(err, BergsonRayError):  # died in __init__ on a user error
-            raise err from None
-        fails = self.stats.per_key_failures.get(job.key, 0) + 1
-        self.stats.per_key_failures[job.key] = fails
-        if fails > self.MAX_FAILURES_PER_JOB:
-            raise RuntimeError(f"retrain {job.key} killed its worker {fails} times: {exc}") from exc
-        log.warning("retrain worker %d died during %s; resubmitting it to a new worker", slot, job.key)
-        self.stats.lost += 1
-        self.stats.replaced_actors += 1
-        ray.kill(self.actors[slot], no_restart=True)
-        self.actors[slot] = self._new_actor()
-
-    def shutdown(self) -> None:
-        import ray
-
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        self.actors = []
+def RetrainPool(spec: Any, size: int, *, num_cpus: float, num_gpus: float, faults=None) -> JobPool:
+    """``size`` :class:`RetrainWorker` actors; jobs are :class:`Job`, keyed by ``job.key``."""
+    return JobPool(RetrainWorker, spec, size, num_cpus=num_cpus, num_gpus=num_gpus,
+                   faults=faults, what="retrain", key=lambda job: job.key)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "train": "bergson_ray.cli.train",
     "validate": "bergson_ray.cli.validate",
     "metasmoothness": "bergson_ray.cli.metasmoothness",
+    "magic": "bergson_ray.cli.magic",
     "query": "bergson_ray.cli.query",
     "serve": "bergson_ray.cli.serve",
     "status": "bergson_ray.cli.status",

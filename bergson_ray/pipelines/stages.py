@@ -191,6 +191,8 @@ def configure_data_context() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # we turned them off on purpose: Ray Data's "progress bars disabled" notice is not news
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def stream(

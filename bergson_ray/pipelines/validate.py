@@ -294,7 +294,7 @@ def validate(cfg: ValidateConfig | dict | None = None, *, retrainer: Any = None,
         spec = dataclasses.replace(spec, torch_threads=cfg.training.torch_threads or plan.torch_threads)
     pool = RetrainPool(spec, plan.size, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, faults=faults)
     try:
-        shape = pool.shape()
+        shape = pool.call("shape")
         check_scores(scores, shape.num_train_docs, shape.num_query_docs)
         ctx = Context(cfg, run, scores, pool, LossBook(run.path), np.asarray(shape.query_tokens))
         result = METHODS[cfg.method](ctx)

@@ -43,7 +43,9 @@ def model_dtype(precision: str) -> torch.dtype | str:
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
     """Return ``(model, tokenizer)`` with the model in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise
     name = resolve_model_name(cfg.model)
     kwargs = parse_kv(cfg.model_kwargs, "--model_kwargs")
     try:

@@ -52,7 +52,7 @@ def initial_params(model: nn.Module) -> dict[str, Tensor]:
 
 
 @contextlib.contextmanager
-def _run_context(cfg: TrainingConfig, deterministic: bool, threads: int | None) -> Iterator[None]:
+def run_context(cfg: TrainingConfig, deterministic: bool, threads: int | None) -> Iterator[None]:
     """Forked, seeded RNG; fixed threads and deterministic kernels; all restored after."""
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
@@ -70,7 +70,7 @@ def _run_context(cfg: TrainingConfig, deterministic: bool, threads: int | None) 
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
 
 
-def _batch_weights(weights: Tensor, batch: Batch, width: int) -> Tensor:
+def batch_weights(weights: Tensor, batch: Batch, width: int) -> Tensor:
     """The rows' weights (pad rows 0): ``[B]``, or ``[B, width - 1]`` per position."""
     rows = torch.tensor(batch.rows, dtype=torch.long)
     w = weights[rows] if weights.ndim == 1 else weights[rows, : width - 1]
@@ -81,7 +81,7 @@ def _batch_weights(weights: Tensor, batch: Batch, width: int) -> Tensor:
     return w
 
 
-def _attention_backend(create_graph: bool) -> contextlib.AbstractContextManager:
+def attention_backend(create_graph: bool) -> contextlib.AbstractContextManager:
     """The math SDPA kernel when a step must be differentiated twice (the fused CPU
     kernels have no double backward); otherwise torch's choice."""
     if not create_graph:
@@ -91,7 +91,7 @@ def _attention_backend(create_graph: bool) -> contextlib.AbstractContextManager:
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _micro_slices(n: int, parts: int) -> list[slice]:
+def micro_slices(n: int, parts: int) -> list[slice]:
     """bergson's split: ``parts`` near-equal slices, the first ``n % parts`` one longer."""
     parts = max(1, min(parts, n))
     sizes = [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
@@ -114,13 +114,13 @@ def batch_gradient(
 ) -> tuple[dict[str, Tensor], float]:
     """Gradient of the batch's weighted loss w.r.t. ``params`` (micro-batched), and the loss."""
     ids, labels = collate(data, batch.rows)
-    w = _batch_weights(weights, batch, ids.shape[1])
+    w = batch_weights(weights, batch, ids.shape[1])
     total_tokens = int((labels[:, 1:] != -100).sum())
     names = list(params)
     grads: dict[str, Tensor] | None = None
     loss_value = 0.0
-    for sl in _micro_slices(len(batch.rows), cfg.grad_accum_steps):
-        with _attention_backend(create_graph):
+    for sl in micro_slices(len(batch.rows), cfg.grad_accum_steps):
+        with attention_backend(create_graph):
             logits = functional_call(model, params, (ids[sl],), {"use_cache": False}).logits
         tok, valid = token_losses(logits, labels[sl])
         loss = weighted_sum(tok, valid, w[sl], cfg.loss_reduction, total_tokens)
@@ -178,7 +178,7 @@ def train(
     model.train(cfg.train_mode)
     history: list[dict] = []
     try:
-        with _run_context(cfg, det, threads):
+        with run_context(cfg, det, threads):
             cur = {k: (v if create_graph else v.detach()) for k, v in start.items()}
             state = init_state(cur, cfg)
             for i, batch in enumerate(batches):
