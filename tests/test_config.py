@@ -201,3 +201,14 @@ def test_argument_errors_come_first_and_fast(tmp_path, argv, named):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: " + named)
     assert not (tmp_path / "r").exists() and not (tmp_path / "r.part").exists()
+
+
+def test_text_values_from_yaml_take_the_fields_type():
+    """YAML reads ``1e-6`` as text and bergson writes lists as ``"a,b"``: a config made
+    from a document still gets numbers, booleans and lists, or one sentence."""
+    cfg = from_dict(BuildConfig, {"grad": {"label_smoothing": "1e-1", "projection_dim": "8",
+                                           "include_bias": "true", "modules": "a,b"}})
+    assert cfg.grad.label_smoothing == 0.1 and cfg.grad.projection_dim == 8
+    assert cfg.grad.include_bias is True and cfg.grad.modules == ["a", "b"]
+    with pytest.raises(BadInputError, match="--projection_dim expects an integer, got 'x'"):
+        from_dict(BuildConfig, {"grad": {"projection_dim": "x"}})

@@ -107,6 +107,76 @@ def test_bergson_compare_wikitext_ekfac_document_plans(tmp_path):
     assert v.training.batch_size == 64 and v.query.split == "train[:4]"
 
 
+MAGIC_DOCS = {
+    # bergson's examples/compare_wikitext/magic.yaml, paths and sizes changed
+    "compare_wikitext": """
+run_path: {root}/compare
+steps:
+  - magic:
+      run_path: {root}/random
+      model: tiny
+      overwrite: true
+      resume: true
+      data: {{dataset: tiny, split: "train[:16]", chunk_length: 0}}
+      query: {{dataset: tiny, split: "train[:2]", chunk_length: 0}}
+      distributed: {{nproc_per_node: 8, nnode: 1}}
+      batch_size: 4
+      grad_accum_steps: 2
+      double_backward_batch_size: 2
+      num_epochs: 1
+      lr_schedule:
+        lr_scheduler_type: polynomial
+        lr: 0.0008
+        lr_start: 1e-6
+        lr_end: 0.00008
+        warmup_steps: 0.25
+      skip_validation: false
+      num_subsets: 8
+      subset_fraction: 0.25
+      save_models: true
+      save_optimizer_state: last
+      wandb_project: magic
+""",
+    # bergson's examples/magic/gpt2_wikitext_tiny.yaml, paths and sizes changed
+    "gpt2_wikitext_tiny": """
+steps:
+  - magic:
+      run_path: {root}/gpt2_wikitext
+      model: tiny
+      overwrite: true
+      data: {{dataset: tiny, split: "train", chunk_length: 0}}
+      query: {{dataset: tiny, split: "train[0:1]", chunk_length: 0}}
+      distributed: {{nproc_per_node: 1}}
+      batch_size: 8
+      grad_accum_steps: 4
+      double_backward_batch_size: 4
+      num_epochs: 1
+      lr_schedule:
+        lr_scheduler_type: polynomial
+        lr: 0.0008
+        lr_start: 1e-6
+        lr_end: 0.00008
+        warmup_steps: 0.25
+      wandb_project: magic
+""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAGIC_DOCS))
+def test_bergson_magic_examples_plan(tmp_path, name):
+    (step,) = plan(read_document(_doc(tmp_path, MAGIC_DOCS[name])), COMMANDS)
+    cfg = step.config
+    t = cfg.training
+    assert step.command == "magic" and cfg.model.model == "tiny"
+    assert t.lr_schedule.lr_scheduler_type == "polynomial" and t.lr_schedule.lr == 0.0008
+    assert t.lr_schedule.warmup_steps == 0.25 and t.grad_accum_steps in (2, 4)
+    assert cfg.magic.double_backward_batch_size in (2, 4)
+    if name == "compare_wikitext":
+        assert step.resume and not cfg.magic.skip_validation
+        assert (cfg.lds.count, cfg.lds.fraction) == (8, 0.25) and cfg.save_models
+        assert t.save_optimizer_state == "last"
+
+
 def test_our_own_config_yaml_round_trips(tmp_path):
     import dataclasses
 
@@ -135,7 +205,7 @@ def test_matrix_expands_with_typed_and_textual_substitution():
     "steps,match",
     [
         ("- buld: {}", "unknown command 'buld'"),
-        ("- magic: {run_path: x}", "`magic` is not implemented in bergson-ray yet"),
+        ("- lissa: {run_path: x}", "`lissa` is not implemented in bergson-ray yet"),
         ("- build: {index_cfg: {run_path: x, projection_dimm: 3}}", "unknown option 'projection_dimm'"),
         ("- build: {index_cfg: {run_path: x, data: {chunk_length: 1024}}}", "chunk_length=1024"),
         ("- build: {index_cfg: {run_path: x, token_batch_size: 1}}", "token_batch_size must be > 1"),

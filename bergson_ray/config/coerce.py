@@ -65,8 +65,39 @@ def from_dict(cls: type[T], data: dict[str, Any], base: T | None = None) -> T:
         val = data[name]
         if dataclasses.is_dataclass(tp) and isinstance(val, dict):
             val = from_dict(tp, val, base=current if dataclasses.is_dataclass(current) else None)
+        else:
+            val = coerce_value(name, tp, val)
         kwargs[name] = val
     return cls(**kwargs)  # type: ignore[call-arg]
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "y", "on"), ("0", "false", "no", "n", "off")
+
+
+def coerce_value(name: str, tp: Any, val: Any) -> Any:
+    """A YAML or keyword value as the field's type: YAML reads ``1e-6`` as a string and
+    bergson's documents write lists as ``"a,b"``, so text is converted where the field
+    wants a number, a bool or a list; anything else passes through unchanged."""
+    if not isinstance(val, str):
+        if tp is float and isinstance(val, int) and not isinstance(val, bool):
+            return float(val)
+        return val
+    try:
+        if tp is bool:
+            low = val.strip().lower()
+            if low in _TRUE or low in _FALSE:
+                return low in _TRUE
+            raise ValueError(val)
+        if tp is int:
+            return int(val)
+        if tp is float:
+            return float(val)
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}[tp]
+        raise BadInputError(f"--{name} expects {kind}, got {val!r}") from None
+    if get_origin(tp) is list:
+        return [v.strip() for v in val.split(",") if v.strip()]
+    return val
 
 
 def default_instance(cls: type[T]) -> T:
