@@ -11,7 +11,7 @@ def _capture(monkeypatch) -> list[dict]:
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    monkeypatch.setattr(ray_env, "check_reachable", lambda address: None)
+    monkeypatch.setattr(ray_env, "check_reachable", lambda address, timeout_s=3.0: None)
     return calls
 
 
@@ -93,3 +93,29 @@ def test_a_dead_address_is_an_error_within_seconds():
     with pytest.raises(BadInputError, match="not host:port"):
         ray_env.check_reachable("127.0.0.1:http")
     ray_env.check_reachable("auto")  # left to Ray
+
+
+def test_a_dead_recorded_head_starts_a_fresh_local_ray(monkeypatch):
+    """A crashed ``ray start`` head left in Ray's temp dir used to make every later plain
+    command retry it for minutes; now the command starts its own local Ray at once."""
+    import socket
+
+    from ray._private import services
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: dead)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_env.stale_local_head() == dead
+    calls = _capture(monkeypatch)
+    monkeypatch.setattr(ray_env, "stale_local_head", lambda: dead)
+    ray_env.init_ray(None)
+    assert calls[0]["address"] == "local"
+
+
+def test_no_recorded_head_is_not_stale(monkeypatch):
+    from ray._private import services
+
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    assert ray_env.stale_local_head() is None

@@ -56,8 +56,39 @@ def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kw
     if not address:
         set_loopback_env(**LOCAL_DEFAULTS)
         kwargs.setdefault("include_dashboard", False)
+        if stale_local_head() is not None:
+            address = "local"  # start our own instead of retrying a dead head for minutes
     log.info("ray.init(address=%s)", address or "<local>")
     ray.init(address=address, namespace=namespace, log_to_driver=True, **kwargs)
+
+
+def stale_local_head() -> str | None:
+    """The address of a ``ray start`` head this machine recorded that no longer answers.
+
+    Without an address ``ray.init`` joins the head named in Ray's temp dir
+    (``ray_current_cluster``); when that head has crashed, it retries for minutes and
+    ignores Ctrl-C. A head that answers is joined as before (reusing a running Ray saves
+    its start-up); a dead one is reported and a fresh local Ray is started instead.
+    """
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        recorded = find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - a private Ray API: never fail because of it
+        return None
+    if not recorded:
+        return None
+    from ..errors import BadInputError
+
+    try:
+        check_reachable(recorded, timeout_s=1.0)
+    except BadInputError:
+        log.warning(
+            "the Ray head recorded at %s is gone; starting a fresh local Ray (`ray stop` "
+            "removes the leftovers of the dead one)", recorded,
+        )
+        return recorded
+    return None
 
 
 def check_reachable(address: str, timeout_s: float = 3.0) -> None:
