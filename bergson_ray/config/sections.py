@@ -137,7 +137,7 @@ class BatchConfig:
     """How documents are packed into forward/backward passes."""
 
     token_batch_size: int = 2048
-    """Padded-token budget per forward/backward pass (longest document x documents <= budget)."""
+    """Padded-token budget per pass (longest x documents <= budget); a longer document runs alone, whole, unless --truncation."""
     max_batch_size: int | None = None
     """Most documents in one pass (None = only the token budget limits it)."""
 
