@@ -177,6 +177,36 @@ def test_bergson_magic_examples_plan(tmp_path, name):
         assert t.save_optimizer_state == "last"
 
 
+# bergson's examples/compare_wikitext/trackstar.yaml (first step), paths and sizes changed
+TRACKSTAR_STEP = """
+run_path: {root}/trackstar
+steps:
+  - trackstar:
+      index_cfg:
+        projection_dim: 32
+        run_path: {root}/trackstar
+        model: tiny
+        overwrite: true
+        token_batch_size: 256
+        filter_modules: "embed_out"
+        distributed: {{nproc_per_node: 8, nnode: 1}}
+        data: {{dataset: tiny, split: "train", chunk_length: 0}}
+      trackstar_cfg:
+        stats_sample_size: 100
+        query: {{dataset: tiny, split: "train[0:4]", chunk_length: 0}}
+        preprocess_cfg: {{unit_normalize: true, aggregation: none}}
+        score_cfg: {{batch_size: 1024}}
+"""
+
+
+def test_bergson_trackstar_example_plans(tmp_path):
+    (step,) = plan(read_document(_doc(tmp_path, TRACKSTAR_STEP)), COMMANDS)
+    cfg = step.config
+    assert step.command == "trackstar" and cfg.grad.projection_dim == 32
+    assert cfg.stats_sample_size == 100 and cfg.query.split == "train[0:4]"
+    assert cfg.preprocess.unit_normalize and cfg.grad.filter_modules == "embed_out"
+
+
 def test_our_own_config_yaml_round_trips(tmp_path):
     import dataclasses
 

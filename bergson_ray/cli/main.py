@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "validate": "bergson_ray.cli.validate",
     "metasmoothness": "bergson_ray.cli.metasmoothness",
     "magic": "bergson_ray.cli.magic",
+    "trackstar": "bergson_ray.cli.trackstar",
+    "mix": "bergson_ray.cli.mix",
     "query": "bergson_ray.cli.query",
     "serve": "bergson_ray.cli.serve",
     "status": "bergson_ray.cli.status",
