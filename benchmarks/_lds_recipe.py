@@ -1,0 +1,79 @@
+"""The LDS demo's recipe (``benchmarks/lds.py``): data, training settings, and the same
+settings spelled as bergson's flags so both programs see one model, one corpus, one
+query set and one training recipe.
+
+Data: short paragraphs (12-48 tiny tokens) of the embedded pydoc corpus, drawn from one
+contiguous region of it so that neighbouring paragraphs of the same topic end up in the
+training set; ``n_query`` of the drawn paragraphs are held out as queries (never trained
+on). Both sets are ``save_to_disk`` directories that bergson reads too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MIN_TOKENS, MAX_TOKENS = 12, 48
+TOKEN_BATCH = 512
+"""Gradient passes' token budget (bergson refuses more than the tiny model's 512)."""
+PROJECTION_DIM = 16
+"""Per-module projection of the gradient dot/cosine methods (EK-FAC uses full gradients)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the model is fine-tuned (bergson's trainer options) and on what."""
+
+    docs: int = 256
+    queries: int = 8
+    lr: float = 2e-3
+    epochs: int = 2
+    batch_size: int = 32
+    seed: int = 0
+    """Seed of the document draw (the trainer's shuffle keeps bergson's default, 42)."""
+
+    def training_kwargs(self) -> dict:
+        """Keyword arguments (our flag names) of ``train``/``validate``/``magic``.
+
+        One torch thread per process: the figures per worker are then comparable, and
+        two workers on two cores do not oversubscribe them."""
+        return dict(lr=self.lr, num_epochs=self.epochs, batch_size=self.batch_size,
+                    save_mode="sqrt", save_optimizer_state="none", torch_threads=1)  # fmt: skip
+
+    def bergson_training_flags(self) -> list[str]:
+        return ["--lr", str(self.lr), "--num_epochs", str(self.epochs),
+                "--batch_size", str(self.batch_size), "--save_mode", "sqrt",
+                "--save_optimizer_state", "none", "--wandb_project", ""]  # fmt: skip
+
+
+def prepare_data(root: Path, recipe: Recipe) -> tuple[Path, Path, dict]:
+    """Write ``root/train`` and ``root/query``; return their paths and a description."""
+    import datasets
+    import numpy as np
+
+    from bergson_ray.defaults.tiny import ensure_tiny_assets, load_tiny_tokenizer
+
+    assets = ensure_tiny_assets()
+    train_dir, query_dir = root / "train", root / "query"
+    corpus = datasets.load_from_disk(str(assets.corpus_dir))
+    tok = load_tiny_tokenizer(assets)
+    lengths = np.array([len(ids) for ids in tok(list(corpus["text"]))["input_ids"]])
+    cand = np.flatnonzero((lengths >= MIN_TOKENS) & (lengths <= MAX_TOKENS))
+    need = recipe.docs + recipe.queries
+    if len(cand) < need:
+        raise SystemExit(f"only {len(cand)} short paragraphs; ask for fewer --docs")
+    region = cand[: min(len(cand), int(need * 1.3))]
+    rng = np.random.default_rng(recipe.seed)
+    drawn = np.sort(rng.choice(region, need, replace=False))
+    held = np.sort(drawn[rng.choice(need, recipe.queries, replace=False)])
+    train = np.setdiff1d(drawn, held)
+    if not (train_dir.exists() and query_dir.exists()):
+        corpus.select(train.tolist()).save_to_disk(str(train_dir))
+        corpus.select(held.tolist()).save_to_disk(str(query_dir))
+    info = {
+        "train_docs": len(train), "query_docs": len(held),
+        "train_tokens": int(lengths[train].sum()),
+        "corpus_rows": [int(region[0]), int(region[-1])],
+        "query_rows": held.tolist(),
+    }  # fmt: skip
+    return train_dir, query_dir, info
