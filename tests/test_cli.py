@@ -50,7 +50,8 @@ def test_user_errors_print_one_line_not_a_traceback(tmp_path):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert out.returncode == 2
-    assert "error: model path" in out.stderr and "Traceback" not in out.stderr
+    assert "missing-model' does not exist" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.ray

@@ -71,7 +71,6 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         require(self.num_heads >= 0, "--attention.num_heads must be >= 0")
         require(self.head_size >= 0, "--attention.head_size must be >= 0")
-        require(self.head_dim == 2, "--head_dim: only 2 (the output dimension) is supported")
 
 
 @dataclass
