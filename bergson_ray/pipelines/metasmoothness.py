@@ -14,12 +14,9 @@ from pathlib import Path
 
 from ..config import as_config
 from ..config.training import MetasmoothnessRunConfig
-from ..errors import BadInputError
-from ..store.run_dir import RunDir
 from ..training import export
-from ..training.data import load_tokenized
 from ..training.metasmoothness import measure
-from ..training.model import make_model, max_model_length
+from .stages import open_training_run
 
 RESULT_FILE = "metasmoothness.json"
 
@@ -27,13 +24,8 @@ RESULT_FILE = "metasmoothness.json"
 def metasmoothness(cfg: MetasmoothnessRunConfig | dict | None = None, **overrides: object) -> str:
     """Run the probe and return the committed run directory."""
     cfg = as_config(MetasmoothnessRunConfig, cfg, **overrides)
-    if not cfg.run.run_path:
-        raise BadInputError("metasmoothness needs a run path")
-    run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite)
     t0 = time.time()
-    model, tokenizer = make_model(cfg.model)
-    data = load_tokenized(cfg.data, tokenizer, max_length=max_model_length(model, tokenizer))
-    run.write_config(cfg, command="metasmoothness")
+    run, model, tokenizer, data = open_training_run(cfg, "metasmoothness")
 
     def on_trained(k: int, result) -> None:
         if k == 0 and cfg.save_models:

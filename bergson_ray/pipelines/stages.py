@@ -345,3 +345,21 @@ def write_data_hf(part: Path, ds, progress: Progress, drop_columns: bool) -> Non
             "loss", np.asarray(progress.loss)
         )
     out.save_to_disk(str(part / "data.hf"))
+
+
+def open_training_run(cfg, command: str):
+    """``(run_dir, model, tokenizer, tokenized_data)`` for a command that trains in this
+    process (``train``, ``metasmoothness``): the run dir is refused early if it exists,
+    the data is tokenized once, and the config is recorded before any training."""
+    from ..store.run_dir import RunDir
+    from ..training.data import load_tokenized
+    from ..training.model import make_model, max_model_length
+
+    if not cfg.run.run_path:
+        raise BadInputError(f"{command} needs a run path")
+    run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite)
+    model, tokenizer = make_model(cfg.model)
+    data = load_tokenized(cfg.data, tokenizer, max_length=max_model_length(model, tokenizer))
+    run.write_config(cfg, command=command)
+    return run, model, tokenizer, data
+

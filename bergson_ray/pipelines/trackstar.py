@@ -115,6 +115,14 @@ class Steps:
         self.ran.append(name)
         return False
 
+    def run_config(self, name: str) -> RunConfig:
+        """The sub-run of step ``name``: replace a stale result, continue an unfinished one."""
+        return RunConfig(
+            run_path=str(self.path(name)),
+            overwrite=self.replace(name),
+            resume=self.resume and not self.replace(name),
+        )
+
     def replace(self, name: str) -> bool:
         """Whether the step's sub-run may replace an existing result."""
         return self.overwrite or name in self.stale
@@ -154,13 +162,8 @@ def _query_store(cfg: TrackstarRunConfig, steps: Steps, pre) -> Path:
     from .build import build
     from .reduce import reduce
 
-    path = steps.path("query")
     bcfg = BuildConfig(
-        run=RunConfig(
-            run_path=str(path),
-            overwrite=steps.replace("query"),
-            resume=cfg.run.resume and not steps.replace("query"),
-        ),
+        run=steps.run_config("query"),
         model=cfg.model,
         data=cfg.query,
         grad=cfg.grad,
@@ -274,11 +277,7 @@ def trackstar(cfg: TrackstarRunConfig | dict | None = None, **overrides) -> Path
     if not steps.done("scores", ("value_hessian", "mixed_hessian", "query"), hessian_path):
         spath = score(
             ScoreRunConfig(
-                run=RunConfig(
-                    run_path=str(spath),
-                    overwrite=steps.replace("scores"),
-                    resume=cfg.run.resume and not steps.replace("scores"),
-                ),
+                run=steps.run_config("scores"),
                 model=cfg.model,
                 data=cfg.data,
                 grad=cfg.grad,

@@ -24,11 +24,9 @@ from pathlib import Path
 
 from ..config import as_config
 from ..config.training import TrainRunConfig
-from ..store.run_dir import RunDir
 from ..training import export
-from ..training.data import load_tokenized
 from ..training.loop import train as train_params
-from ..training.model import make_model, max_model_length
+from .stages import open_training_run
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +34,8 @@ log = logging.getLogger(__name__)
 def train(cfg: TrainRunConfig | dict | None = None, **overrides: object) -> str:
     """Run ``cfg`` and return the committed run directory."""
     cfg = as_config(TrainRunConfig, cfg, **overrides)
-    if not cfg.run.run_path:
-        from ..errors import BadInputError
-
-        raise BadInputError("train needs a run path")
-    run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite)
     t0 = time.time()
-    model, tokenizer = make_model(cfg.model)
-    data = load_tokenized(cfg.data, tokenizer, max_length=max_model_length(model, tokenizer))
-    run.write_config(cfg, command="train")
+    run, model, tokenizer, data = open_training_run(cfg, "train")
     tc = cfg.training
     adam = tc.optimizer == "adamw"
     ckpt_dir = Path(run.path) / "checkpoints"
