@@ -1,8 +1,19 @@
-"""``init_ray``: which cluster a command joins (no Ray is started here)."""
+"""``init_ray``: which cluster a command joins (mocked), and that the local Ray a driver
+started does not outlive it (one real driver, in a subprocess)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 import ray
+from helpers import subprocess_env
 
 from bergson_ray.utils import ray_env
 
@@ -119,3 +130,52 @@ def test_no_recorded_head_is_not_stale(monkeypatch):
 
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
     assert ray_env.stale_local_head() is None
+
+
+DRIVER = """
+import json, sys, time
+from bergson_ray.utils.ray_env import init_ray
+init_ray(num_cpus=1)
+import ray, psutil
+ray.get(ray.remote(lambda: 1).remote())  # a worker exists too
+me = psutil.Process()
+print(json.dumps([p.pid for p in me.children(recursive=True)]), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.ray
+def test_a_sigkilled_driver_leaves_no_ray_processes():
+    """SIGKILL the driver (no clean-up of its own can run): the GCS, raylet, agents and
+    workers its local Ray started are gone within seconds, ended by the reaper."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True,
+        env=subprocess_env(), start_new_session=True,
+    )  # fmt: skip
+    pids: list[int] = []
+    try:
+        pids = json.loads(proc.stdout.readline())
+        ray_pids = [p for p in pids if psutil.pid_exists(p)]
+        assert len(ray_pids) >= 3, f"expected Ray's processes under the driver, got {pids}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(p) for p in ray_pids):
+            time.sleep(0.25)
+        left = [p for p in ray_pids if _alive(p)]
+        assert not left, f"Ray processes still running 20 s after the driver died: {left}"
+    finally:
+        for pid in [proc.pid, *pids]:  # only what this test started, by id
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

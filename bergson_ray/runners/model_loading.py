@@ -16,6 +16,7 @@ from ..config import TINY, ModelConfig
 from ..errors import BadInputError, load_error
 from ..utils.dtypes import torch_dtype
 from ..utils.kv import parse_kv
+from ..utils.quiet import quiet_model_loading
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,8 @@ def model_dtype(precision: str) -> torch.dtype | str:
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
     """Return ``(model, tokenizer)`` with the model in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise
+    quiet_model_loading()
     name = resolve_model_name(cfg.model)
     kwargs = parse_kv(cfg.model_kwargs, "--model_kwargs")
     try:

@@ -16,6 +16,7 @@ from ..config.sections import ModelConfig
 from ..defaults.tiny import resolve_model_path
 from ..errors import BadInputError, load_error
 from ..utils.kv import parse_kv
+from ..utils.quiet import quiet_model_loading
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
@@ -42,6 +43,7 @@ def make_model(cfg: ModelConfig, dtype: torch.dtype | None = None) -> tuple[nn.M
         raise BadInputError("train runs on CPU in fp32 or fp64; pass --precision fp32 or fp64")
     want = dtype or DTYPES.get(cfg.precision, "auto")
     kwargs = parse_kv(cfg.model_kwargs, "--model_kwargs")
+    quiet_model_loading()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=cfg.revision, dtype=want, **{"attn_implementation": "eager", **kwargs}

@@ -60,6 +60,10 @@ def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kw
             address = "local"  # start our own instead of retrying a dead head for minutes
     log.info("ray.init(address=%s)", address or "<local>")
     ray.init(address=address, namespace=namespace, log_to_driver=True, **kwargs)
+    if address in (None, "local"):
+        from .ray_reaper import watch
+
+        watch()  # a SIGKILLed driver must not leave the Ray it started running
 
 
 def stale_local_head() -> str | None:

@@ -134,6 +134,9 @@ class Retrainer:
         """Parameters of a banked model (ours or bergson's HF dir) by our parameter names."""
         from transformers import AutoModelForCausalLM
 
+        from ..utils.quiet import quiet_model_loading
+
+        quiet_model_loading()
         m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         params = dict(m.named_parameters())
         missing = sorted(set(self.base) - set(params))
