@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ..errors import BergsonRayError, one_line, unwrap
@@ -98,6 +99,10 @@ def _setup_logging(level: str) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("bergson_ray").setLevel(ours)
+    if ours > logging.DEBUG:
+        # datasets' own bars ("Saving the dataset", "Map") sit between our one bar per
+        # stage; read at import, so set before anything imports datasets
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def _guarded(call) -> int:

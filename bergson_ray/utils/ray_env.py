@@ -59,6 +59,10 @@ def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kw
         if stale_local_head() is not None:
             address = "local"  # start our own instead of retrying a dead head for minutes
     log.info("ray.init(address=%s)", address or "<local>")
+    # Ray's driver-side INFO lines ("Started a local Ray instance.") only at DEBUG
+    kwargs.setdefault(
+        "logging_level", logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+    )
     ray.init(address=address, namespace=namespace, log_to_driver=True, **kwargs)
     if address in (None, "local"):
         from .ray_reaper import watch
@@ -89,7 +93,8 @@ def stale_local_head() -> str | None:
     except BadInputError:
         log.warning(
             "the Ray head recorded at %s is gone; starting a fresh local Ray (`ray stop` "
-            "removes the leftovers of the dead one)", recorded,
+            "removes the leftovers of the dead one)",
+            recorded,
         )
         return recorded
     return None
