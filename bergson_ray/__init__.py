@@ -22,12 +22,18 @@ _EXPORTS = {
     "metasmoothness": "bergson_ray.pipelines.metasmoothness:metasmoothness",
     "magic": "bergson_ray.pipelines.magic:magic",
     "trackstar": "bergson_ray.pipelines.trackstar:trackstar",
+    "trak": "bergson_ray.pipelines.trak:trak",
+    "approxunrolling": "bergson_ray.pipelines.approxunrolling:approxunrolling",
     "mix": "bergson_ray.pipelines.mix:mix",
     "connect": "bergson_ray.query.client:connect",
     "Attributor": "bergson_ray.query.attributor:Attributor",
     "GradientStore": "bergson_ray.store.gradient_store:GradientStore",
     "ScoreStore": "bergson_ray.store.score_store:ScoreStore",
     "GradientEngine": "bergson_ray.gradients.engine:GradientEngine",
+    "GradientCollectorCallback": "bergson_ray.integrations.hf_callback:GradientCollectorCallback",
+    "prepare_for_gradient_collection": (
+        "bergson_ray.integrations.collator:prepare_for_gradient_collection"
+    ),
 }
 
 

@@ -235,9 +235,9 @@ def test_matrix_expands_with_typed_and_textual_substitution():
     "steps,match",
     [
         ("- buld: {}", "unknown command 'buld'"),
-        ("- lissa: {run_path: x}", "`lissa` is not implemented in bergson-ray yet"),
+        ("- status: {}", "`status` cannot run from a pipeline file"),
         ("- build: {index_cfg: {run_path: x, projection_dimm: 3}}", "unknown option 'projection_dimm'"),
-        ("- build: {index_cfg: {run_path: x, data: {chunk_length: 1024}}}", "chunk_length=1024"),
+        ("- build: {index_cfg: {run_path: x, grad_checkpointing: true}}", "grad_checkpointing=True"),
         ("- build: {index_cfg: {run_path: x, token_batch_size: 1}}", "token_batch_size must be > 1"),
         ("- build: [1, 2]", "expected a mapping"),
         ("- build: {}\n  score: {}", "must be one"),

@@ -3,12 +3,18 @@
 ``POST /<name>/query``            ``{"queries": ["text", ["prompt", "completion"]], "k": 10, "reverse": false}``
 ``POST /<name>/query_gradients``  ``{"gradients": [[...], ...], "k": 10, "reverse": false}``
 ``GET  /<name>/info``
+``GET  /<name>/`` (or ``/<name>/ui``)  the web page (``bergson_ray/web``)
 
-Every request needs ``Authorization: Bearer <token>``. The deployment keeps only the
-token's SHA-256 and compares digests in constant time. Ray's own ports (GCS, dashboard,
-object store) are *not* an authorization boundary: anyone who can reach them can run
-code on the cluster, so keep them on loopback or a private network. This endpoint is
-the only one meant to be exposed, and it binds to 127.0.0.1 unless told otherwise.
+``/query`` with ``"tokens": true`` adds ``token_docs`` to each result: on per-token stores
+the heat map of every matched document (``query/token_heat.py``), else ``[]``.
+
+Every API request needs ``Authorization: Bearer <token>``. The deployment keeps only the
+token's SHA-256 and compares digests in constant time. The page's static files hold no
+data and are served without a token; the page asks for it and sends it with each call.
+Ray's own ports (GCS, dashboard, object store) are *not* an authorization boundary:
+anyone who can reach them can run code on the cluster, so keep them on loopback or a
+private network. This endpoint is the only one meant to be exposed, and it binds to
+127.0.0.1 unless told otherwise.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI must see the real ``Request``
@@ -20,7 +26,7 @@ import logging
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from ray import serve
 
 from ..errors import BergsonRayError
@@ -33,6 +39,29 @@ app = FastAPI(title="bergson_ray query service")
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+WEB_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+WEB_HEADERS = {  # the page loads nothing but itself, and talks only to this service
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def web_file(name: str) -> Response:
+    """One of the page's static files, read from the installed package."""
+    from importlib.resources import files
+
+    body = files("bergson_ray.web").joinpath(name).read_bytes()
+    return Response(body, media_type=WEB_TYPES[name], headers=WEB_HEADERS)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -82,6 +111,8 @@ class HttpGateway:
                 )
         if method == "query" and isinstance(arg, list):
             arg = [tuple(q) if isinstance(q, list) else q for q in arg]
+        if method == "query" and body.get("tokens"):
+            method = "query_tokens"
         try:
             k = body.get("k", 10)
             reverse = bool(body.get("reverse", False))
@@ -92,6 +123,9 @@ class HttpGateway:
                 return JSONResponse({"error": str(err)}, status_code=400)
             log.exception("query failed")
             return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
+        if method == "query_tokens":
+            results, heat = results
+            return {"results": [{**r.to_dict(), "token_docs": h} for r, h in zip(results, heat)]}
         return {"results": [r.to_dict() for r in results]}
 
     @app.post("/query")
@@ -107,3 +141,21 @@ class HttpGateway:
         if not self._authorized(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
         return await self.actor.info.remote()
+
+    @app.get("/")
+    async def page(self, request: Request):
+        if not request.url.path.endswith("/"):  # relative links need the trailing slash
+            return RedirectResponse(request.url.path + "/", status_code=308)
+        return web_file("index.html")
+
+    @app.get("/ui")
+    async def page_ui(self):
+        return web_file("index.html")
+
+    @app.get("/app.js")
+    async def page_js(self):
+        return web_file("app.js")
+
+    @app.get("/style.css")
+    async def page_css(self):
+        return web_file("style.css")

@@ -41,6 +41,7 @@ class QueryActor:
             self.front.gradients, max_batch=cfg.max_batch_size, wait_ms=cfg.batch_wait_ms
         )
         self._shards: list | None = None
+        self._heat = None  # TokenHeat, made on the first heat-map request
 
     @property
     def shards(self) -> list:
@@ -56,13 +57,45 @@ class QueryActor:
         parts = await asyncio.gather(*[s.search.remote(prepared, k, reverse) for s in self.shards])
         return merge_hits(list(parts), k, reverse=reverse)
 
-    async def query(self, queries: Any, k: int = 10, reverse: bool = False) -> list[QueryResult]:
-        """Texts or (prompt, completion) pairs -> top-k (bottom-k) hits with text."""
+    async def _query(
+        self, queries: Any, k: int, reverse: bool
+    ) -> tuple[list[QueryResult], np.ndarray]:
+        """Hits with text, and the prepared query rows they were searched with."""
         k = self.front.check_k(k)
         queries = self.front.check_queries(queries)
         grads = await self.batcher.submit(queries)
-        hits = await self._search(self.front.prepare(grads), k, reverse)
-        return self.front.results(hits, queries, reverse)
+        prepared = self.front.prepare(grads)
+        hits = await self._search(prepared, k, reverse)
+        return self.front.results(hits, queries, reverse), prepared
+
+    async def query(self, queries: Any, k: int = 10, reverse: bool = False) -> list[QueryResult]:
+        """Texts or (prompt, completion) pairs -> top-k (bottom-k) hits with text."""
+        return (await self._query(queries, k, reverse))[0]
+
+    async def query_tokens(
+        self, queries: Any, k: int = 10, reverse: bool = False
+    ) -> tuple[list[QueryResult], list[list[dict]]]:
+        """``query``, plus per query the per-token heat map of every matched document
+        (``query.token_heat``; the web page draws it). Empty lists unless the store is
+        per-token (``--attribute_tokens``)."""
+        results, prepared = await self._query(queries, k, reverse)
+        if getattr(self.front.spec.store, "offsets", None) is None:
+            return results, [[] for _ in results]
+        if self._heat is None:
+            from ..query.token_heat import TokenHeat
+
+            runner = self.front.maker.runner
+            self._heat = TokenHeat(
+                self.front.spec,
+                self.cfg.faiss,
+                runner.tokenize,
+                lambda i: runner.tokenizer.decode([i]),
+            )
+        # on the model's own thread: a fast tokenizer must not be used by two threads at once
+        heat = await asyncio.get_running_loop().run_in_executor(
+            self.batcher._pool, self._heat.documents, prepared, results
+        )
+        return results, heat
 
     async def query_gradients(
         self, grads: np.ndarray, k: int = 10, reverse: bool = False

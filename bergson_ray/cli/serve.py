@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     http = info.get("http")
     if isinstance(http, dict):
         print(f"  http:   POST {http['url']}/query  (Authorization: Bearer <token>)")
+        print(f"  page:   {http['url']}/  (a web page; it asks for the token)")
         if http.get("token") and http["token"] != "<as given>":
             print(
                 f"  token:  {http['token']}   (shown once; set BERGSON_RAY_HTTP_TOKEN to choose it)"

@@ -7,9 +7,11 @@ keywords, ``dataclasses.replace``) is validated exactly once, before Ray starts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .candidates import CandidateConfig
 from .hessian import HessianConfig
 from .sections import (
     BatchConfig,
@@ -48,11 +50,73 @@ class BuildConfig:
         )
 
 
+TokenInfluence = Literal["gradient", "output"]
+
+OUTPUT_INFLUENCE_LIMITS: tuple[tuple[str, str], ...] = (
+    ("grad.projection_dim", "--projection_dim other than 0 (it needs the full query)"),
+    ("preprocess.unit_normalize", "--unit_normalize (it needs dot-product scoring)"),
+    ("grad.optimizer_state", "--optimizer_state"),
+    ("grad.split_attention_modules", "--split_attention_modules"),
+    ("grad.moe_experts", "--moe_experts"),
+    ("ray.fsdp", "--fsdp"),
+)
+"""What ``--token_influence output`` cannot reproduce (bergson refuses the same)."""
+
+
 @dataclass
 class ScoreRunConfig(BuildConfig):
     """Everything ``bergson-ray score`` needs: a build's settings plus the query."""
 
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    token_influence: TokenInfluence = "gradient"
+    """What a score row is (bergson's): gradient = the gradient at position t (its effect
+    on every later token's loss); output = the rate of change of the loss on token t+1
+    alone along the query (Grosse et al. 2023), one forward-mode pass per query column.
+    Rows sum to the per-document score either way; output needs --projection_dim 0."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.token_influence in ("gradient", "output"),
+            f"unknown --token_influence {self.token_influence!r}; use gradient or output",
+        )
+        if self.token_influence == "output":
+            bad = [what for path, what in OUTPUT_INFLUENCE_LIMITS if _set(self, path)]
+            if self.model.precision in ("int4", "int8"):
+                bad.append(f"--precision {self.model.precision}")
+            require(not bad, f"--token_influence output does not support {', '.join(bad)}")
+        self._check_candidates()
+
+    def _check_candidates(self) -> None:
+        cand = self.candidates
+        if not cand.active:
+            require(
+                cand.top_k == 0 and cand.fraction == 0,
+                "--candidates.top_k and --fraction choose rows of an earlier run: give it with --scores",
+            )
+            return
+        if cand.top_k == 0 and self.score.top_k > 0:
+            # bergson's --top_k is the candidate count; ours also names top_k.parquet's
+            # size, so with --scores a bare --top_k is bergson's (top_k.parquet then
+            # needs --candidates.top_k for the count; dataclasses.replace: never mutate
+            # a section another config may share)
+            self.candidates = cand = dataclasses.replace(cand, top_k=self.score.top_k)
+            self.score = dataclasses.replace(self.score, top_k=0)
+        if cand.from_record:
+            require(
+                cand.fraction == 0,
+                "--fraction does not apply to a query --record CSV; keep rows with --top_k",
+            )
+        else:
+            require(
+                (cand.top_k > 0) != (cand.fraction > 0),
+                "--scores needs exactly one of --top_k and --fraction (rows kept per query column)",
+            )
+        require(
+            not self.grad.attribute_tokens,
+            "--scores (candidate rescoring) does not support --attribute_tokens, as in bergson",
+        )
 
 
 @dataclass
@@ -127,7 +191,9 @@ SECTION_HELP: dict[str, str] = {
     "preprocess": "row preprocessing",
     "ray": "Ray cluster and workers",
     "hessian": "the Hessian fit",
+    "lissa": "the LiSSA series (bergson's lissa_cfg)",
     "score": "scoring",
+    "candidates": "rescore only the rows an earlier run ranked best (bergson's score_cfg.candidates)",
     "faiss": "the FAISS index",
     "training": "how the model is trained (bergson's trainer options)",
     "probe": "the metasmoothness finite-difference probe",
@@ -136,3 +202,12 @@ SECTION_HELP: dict[str, str] = {
     "weight_step": "--method weight_step: retrain with weights 1 - lr * score",
 }
 """Argument-group titles of the sections in ``--help``."""
+
+
+def _set(cfg: object, dotted: str) -> bool:
+    """Whether the option at ``dotted`` (``"grad.projection_dim"``) is set (truthy);
+    options another build may lack count as unset."""
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+    return bool(obj)

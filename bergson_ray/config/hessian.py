@@ -32,6 +32,10 @@ class HessianConfig:
     """Seed of the true-Fisher label sampling (combined with each document's row index)."""
     max_shard_restarts: int = 2
     """Dead shard actors replaced (and their data replayed) before the run fails."""
+    module_partitions: int = 1
+    """Fit the factored methods in this many module groups, one pass over the data per
+    group, so workers and shards hold one group's factors at a time; raise it when the
+    factors do not fit. The files are the same as with one partition."""
 
     def __post_init__(self) -> None:
         require(
@@ -44,6 +48,7 @@ class HessianConfig:
         )
         require(self.num_shards >= 0, "--num_shards must be >= 0")
         require(self.max_shard_restarts >= 0, "--max_shard_restarts must be >= 0")
+        require(self.module_partitions >= 1, "--module_partitions must be >= 1")
 
     def check_against(self, grad: GradientConfig) -> None:
         """Reject combinations with the gradient settings that bergson rejects."""

@@ -11,6 +11,7 @@ Checks that need two sections at once live on the command configs (``commands.py
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,15 +47,58 @@ class DataConfig:
     """Column holding a list of {role, content} messages; loss on assistant turns only."""
     reward_column: str = ""
     """Column of rewards: enables the Dr. GRPO advantage-weighted loss."""
+    advantage_column: str = ""
+    """Column of precomputed per-row advantages (e.g. logged by a GRPO trainer): the same loss as --reward_column, weights taken as given."""
     skip_nan_rewards: bool = False
     """Drop rows whose reward is NaN instead of failing."""
     truncation: bool = False
     """Truncate documents to min(model max length, token_batch_size) instead of rejecting them."""
     data_kwargs: str = ""
     """Extra keyword arguments for datasets.load_dataset, as k=v,k2=v2."""
+    format_template: str = ""
+    """YAML file (or 'mcqa') of Jinja2 doc_to_text / doc_to_target / doc_to_choice templates that write each row; with doc_to_target only the target carries loss."""
+    chunk_length: int = 0
+    """When > 0, join the documents with EOS and cut the stream into rows of this many tokens (doc_ids in data.hf map them back)."""
+    max_tokens: int | None = None
+    """Process about this many tokens: a prefix of the rows, or the rows repeated when the dataset is smaller (bergson's experimental benchmarking cap)."""
 
     def __post_init__(self) -> None:
         require(isinstance(self.prompt_column, str), "--prompt_column must be a column name")
+        require(
+            not (self.reward_column and self.advantage_column),
+            "set --reward_column or --advantage_column, not both",
+        )
+        require(
+            self.chunk_length == 0 or self.chunk_length >= 2,
+            "--chunk_length must be 0 (off) or at least 2 tokens",
+        )
+        require(
+            self.max_tokens is None or self.max_tokens >= 1, "--max_tokens must be >= 1"
+        )
+        if self.chunk_length:
+            require(not self.truncation, "--chunk_length and --truncation cannot both be set: chunks are already cut to length")
+            require(not self.format_template, "--chunk_length and --format_template cannot both be set: chunks are cut from plain text")
+            require(
+                not (self.completion_column or self.conversation_column),
+                "--chunk_length chunks the plain text of --prompt_column; drop --completion_column/--conversation_column",
+            )
+            require(
+                not (self.reward_column or self.advantage_column),
+                "--chunk_length rows are pieces of a token stream, not rollouts: drop --reward_column/--advantage_column",
+            )
+            require(
+                self.max_tokens is None,
+                "--max_tokens does not apply to --chunk_length runs (bergson ignores it there); slice --split instead",
+            )
+        if self.format_template:
+            require(
+                not (self.completion_column or self.conversation_column),
+                "--format_template writes the prompt and completion itself; drop --completion_column/--conversation_column",
+            )
+            require(
+                not self.reward_column,
+                "--reward_column groups rollouts by a prompt column, which --format_template replaces; pass --advantage_column instead",
+            )
 
 
 @dataclass
@@ -91,12 +135,14 @@ class GradientConfig:
     """Projection generator: 2 = bergson >= 2.5 (Philox), 1 = older bergson (PCG64)."""
     include_bias: bool = False
     """Also attribute to the bias of every tracked module (one extra input column)."""
-    loss_fn: Literal["ce"] = "ce"
-    """Per-document loss whose gradient is taken (cross-entropy)."""
+    loss_fn: Literal["ce", "log_odds"] = "ce"
+    """Per-document loss whose gradient is taken: cross-entropy, or log_odds (the negative label log-odds, TRAK's)."""
     loss_reduction: Literal["sum", "mean"] = "sum"
     """Sum or average a document's token losses."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss."""
+    logit_scale: float = 1.0
+    """Multiply the model's output logits by this factor before the loss (bergson's experimental option)."""
     filter_modules: str | None = None
     """Comma-separated fnmatch globs of module names to exclude."""
     modules: list[str] = field(default_factory=list)
@@ -108,11 +154,21 @@ class GradientConfig:
     """Write one row per token instead of one per document."""
     optimizer_state: str = ""
     """optimizer.pt / .safetensors file (or a dir holding one): Adam/Adafactor normalizers."""
+    moe_experts: str = ""
+    """Comma-separated globs naming MoE experts modules with fused 3-D expert weights (e.g. 'model.layers.*.mlp.experts'): track each expert's projections as modules."""
 
     def __post_init__(self) -> None:
         require(self.projection_dim >= 0, "--projection_dim must be >= 0")
+        require(
+            not (self.moe_experts and self.optimizer_state),
+            "--optimizer_state has no per-expert moments for --moe_experts; drop one of them",
+        )
         require(self.projection_version in (1, 2), "--projection_version must be 1 or 2")
         require(0.0 <= self.label_smoothing < 1.0, "--label_smoothing must be in [0, 1)")
+        require(
+            math.isfinite(self.logit_scale) and self.logit_scale != 0,
+            "--logit_scale must be a finite, nonzero number",
+        )
 
 
 @dataclass
@@ -129,6 +185,10 @@ class ModelConfig:
     """dtype of the model weights (auto = the checkpoint's own)."""
     model_kwargs: str = ""
     """Extra keyword arguments for from_pretrained, as k=v,k2=v2."""
+    force_math_sdp: bool = False
+    """Disable the flash and memory-efficient SDPA kernels (CPU and GPU) so attention uses the math kernel; run test_model_configuration to see whether a model needs it."""
+    use_tf32_matmuls: bool = False
+    """Allow TF32 for float32 matmuls on GPU (torch matmul precision 'high'): most of fp32's accuracy at a fraction of its cost."""
 
 
 @dataclass
@@ -239,7 +299,8 @@ class ScoreConfig:
     higher_is_better: bool = True
     """Whether a larger score means a stronger proponent (recorded for readers)."""
     top_k: int = 0
-    """Also write top_k.parquet with the k best rows per query and their text (0 = off)."""
+    """Also write top_k.parquet with the k best rows per query and their text (0 = off).
+    In ``score --scores`` it is bergson's candidate count instead (--candidates.top_k)."""
     bottom_k: int = 0
     """Also write the k worst rows per query into top_k.parquet (0 = off)."""
 

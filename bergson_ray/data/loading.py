@@ -172,13 +172,24 @@ def _load_hub(name: str, cfg: DataConfig, kwargs: dict[str, Any]) -> datasets.Da
         ) from exc
 
 
-def load_dataset_rows(cfg: DataConfig) -> datasets.Dataset:
+ROW_PLAN_COMMANDS = "build, score, reduce, hessian and ekfac"
+"""The commands that map their rows through a ``data/row_plan.py`` plan."""
+
+
+def load_dataset_rows(cfg: DataConfig, *, planned: bool = False) -> datasets.Dataset:
     """Open ``cfg.dataset`` (after resolving ``tiny``) as an Arrow-backed Dataset.
 
     Sources, checked in this order: an existing directory (``save_to_disk`` output, or a
     folder of data files), a ``.parquet``/``.jsonl``/``.json``/``.csv`` file or glob, a
     path-looking name that does not exist (error), else a Hub id.
+
+    ``planned``: the caller maps its rows through a ``RowPlan`` (``--chunk_length``,
+    ``--max_tokens``); any other caller would read the dataset's rows one to one, so
+    those options are refused for it rather than silently ignored.
     """
+    if not planned and (cfg.chunk_length or cfg.max_tokens is not None):
+        flag = "--chunk_length" if cfg.chunk_length else "--max_tokens"
+        raise BadInputError(f"{flag} is supported by {ROW_PLAN_COMMANDS} only")
     name = resolve_dataset(cfg.dataset)
     local = Path(os.path.expanduser(name))
     kwargs = parse_kv(cfg.data_kwargs, "--data_kwargs")
@@ -209,14 +220,19 @@ def needed_columns(cfg: DataConfig) -> list[str]:
     """The dataset columns that tokenization and the loss read, in a fixed order."""
     if cfg.completion_column and cfg.conversation_column:
         raise BadInputError("set completion_column or conversation_column, not both")
-    if cfg.conversation_column:
+    if cfg.format_template:
+        from bergson_ray.data.templates import load_template
+
+        cols = load_template(cfg.format_template).columns()
+    elif cfg.conversation_column:
         cols = [cfg.conversation_column]
     else:
         cols = [cfg.prompt_column]
         if cfg.completion_column:
             cols.append(cfg.completion_column)
-    if cfg.reward_column:
-        cols.append(cfg.reward_column)
+    for extra in (cfg.reward_column, cfg.advantage_column):
+        if extra and extra not in cols:
+            cols.append(extra)
     return cols
 
 
@@ -251,6 +267,27 @@ def _role(message: Any) -> Any:
     return message.get("role") if isinstance(message, dict) else None
 
 
+def column_advantages(ds: datasets.Dataset, cfg: DataConfig) -> np.ndarray:
+    """``--advantage_column``'s values as float32, checked: a missing or NaN value is an
+    error naming the rows (``--skip_nan_rewards`` cannot drop rows here: row indices are
+    the store's, so the rows must be dropped from the dataset first)."""
+    col = cfg.advantage_column
+    try:
+        values = np.asarray(
+            [np.nan if v is None else v for v in ds[col]], dtype=np.float64
+        )
+    except (TypeError, ValueError):
+        raise BadInputError(f"column {col!r} (--advantage_column) must hold numbers") from None
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise BadInputError(
+            f"{bad.size} advantage(s) in column {col!r} are NaN, infinite or missing (rows "
+            f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''}): drop those rows from "
+            "the dataset first (bergson_ray keeps row indices stable, so it does not drop rows)"
+        )
+    return values.astype(np.float32)
+
+
 class DatasetRows:
     """Lazily opened dataset reader that can be pickled into Ray workers.
 
@@ -262,10 +299,16 @@ class DatasetRows:
     """
 
     def __init__(
-        self, cfg: DataConfig, *, with_advantages: bool = False, batch_size: int = 8192
+        self,
+        cfg: DataConfig,
+        *,
+        with_advantages: bool = False,
+        batch_size: int = 8192,
+        planned: bool = False,
     ) -> None:
         self.cfg = cfg
         self.with_advantages = with_advantages
+        self.planned = planned
         self._batch_size = batch_size
         self._ds: datasets.Dataset | None = None
         self._advantage: np.ndarray | None = None
@@ -280,11 +323,13 @@ class DatasetRows:
     def dataset(self) -> datasets.Dataset:
         """The needed columns of the dataset (opened on first access)."""
         if self._ds is None:
-            ds = load_dataset_rows(self.cfg)
+            ds = load_dataset_rows(self.cfg, planned=self.planned)
             check_columns(ds.column_names, self.cfg)
             self._ds = ds.select_columns(needed_columns(self.cfg))
             if self.cfg.reward_column and self.with_advantages:
                 self._advantage = self._compute_advantages(self._ds)
+            elif self.cfg.advantage_column and self.with_advantages:
+                self._advantage = column_advantages(self._ds, self.cfg)
         return self._ds
 
     def __len__(self) -> int:

@@ -180,6 +180,8 @@ def tokenize_rows(
     An ``advantage`` column in ``rows`` (see ``DatasetRows``) sets each doc's advantage.
     Empty documents are returned as-is; what to do with them is the caller's call.
     """
+    if cfg.format_template:  # render first: the template's text is what gets tokenized
+        rows, cfg = _apply_format_template(rows, cfg, row_ids)
     if cfg.completion_column and cfg.conversation_column:
         raise BadInputError("set completion_column or conversation_column, not both")
     lead = cfg.conversation_column or cfg.prompt_column
@@ -224,6 +226,33 @@ def tokenize_rows(
         adv = 1.0 if advantages is None else float(advantages[i])
         docs.append(TokenizedDoc(input_ids=ids, labels=labels, advantage=adv))
     return docs
+
+
+def _apply_format_template(
+    rows: dict[str, list], cfg: DataConfig, row_ids: Sequence[int] | None
+) -> tuple[dict[str, list], DataConfig]:
+    """``--format_template``: rows rendered to ``text`` (or ``prompt`` + ``completion``)
+    and the config that tokenizes them as plain text (or as a prompt/completion pair)."""
+    import dataclasses
+
+    from bergson_ray.data.templates import load_template
+
+    template = load_template(cfg.format_template)
+    out: dict[str, list] = template.render(
+        {k: v for k, v in rows.items() if k != "advantage"}, row_ids
+    )
+    if "advantage" in rows:
+        out["advantage"] = rows["advantage"]
+    tokenize_cfg = dataclasses.replace(
+        cfg,
+        prompt_column="prompt" if template.has_target else "text",
+        completion_column="completion" if template.has_target else "",
+        conversation_column="",
+        reward_column="",
+        advantage_column="",
+        format_template="",
+    )
+    return out, tokenize_cfg
 
 
 def estimate_advantages(prompts: list, rewards: list[float], skip_nan: bool) -> np.ndarray:

@@ -57,8 +57,8 @@ class GradientEngine:
         normalizers: dict[str, Normalizer] | None = None,
         store_dtype: torch.dtype | None = None,
     ):
-        if cfg.loss_fn != "ce":
-            raise BadInputError(f"loss_fn={cfg.loss_fn!r} is not supported yet (use 'ce')")
+        if cfg.loss_fn not in ("ce", "log_odds"):
+            raise BadInputError(f"loss_fn={cfg.loss_fn!r} is not supported (use 'ce' or 'log_odds')")
         self.model = model.eval().requires_grad_(False)
         self.cfg = cfg
         self.modules = find_target_modules(model, cfg)
@@ -85,6 +85,7 @@ class GradientEngine:
                 labels,
                 reduction=self.cfg.loss_reduction,
                 label_smoothing=self.cfg.label_smoothing,
+                loss_fn=self.cfg.loss_fn,
             )
             weighted = loss
             if advantage is not None:

@@ -8,6 +8,10 @@ tracer are all consumers; none of them touch hook registration.
 We hook the module *output tensor* (``Tensor.register_hook``) rather than using
 ``register_full_backward_hook``: it fires exactly once per use with the output
 gradient and does not interfere with in-place ops elsewhere in the model.
+
+Fused MoE experts (``moe.py``) run each expert on its routed tokens only; their taps
+scatter those rows back to sequence positions (zero elsewhere), so consumers always see
+``[N, S, *]``.
 """
 
 from __future__ import annotations
@@ -45,11 +49,18 @@ class ModuleTaps:
 
     def _forward(self, name: str, module: nn.Module, inputs, output) -> None:
         a = inputs[0]
+        # A module that saw only some positions (an MoE expert: its routed tokens,
+        # packed [N, W, *]) says where its rows came from; consumers get [N, S, *].
+        layout = getattr(module, "row_layout", None)
+        if layout is not None:
+            a = layout.to_sequence(a)
         self.consumer.on_forward(name, module, a.detach())
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(partial(self._backward, name, module))
+            output.register_hook(partial(self._backward, name, module, layout))
 
-    def _backward(self, name: str, module: nn.Module, g: torch.Tensor) -> None:
+    def _backward(self, name: str, module: nn.Module, layout, g: torch.Tensor) -> None:
+        if layout is not None:
+            g = layout.to_sequence(g)
         self.consumer.on_backward(name, module, g.detach())
 
 

@@ -31,6 +31,7 @@ from .stages import (
     configure_data_context,
     open_dataset,
     plan_layout,
+    plan_rows,
     run_workers,
     runner_spec,
     stack_ragged,
@@ -69,7 +70,8 @@ def build(
     t0 = time.perf_counter()
     ds, advantages = open_dataset(cfg)
     layout: Layout = plan_layout(cfg.model, cfg.grad)
-    n = len(ds)
+    rows_plan = plan_rows(cfg, ds)  # --chunk_length / --max_tokens: rows are not ds's rows
+    n = len(ds) if rows_plan is None else len(rows_plan)
     if not (cfg.grad.attribute_tokens or cfg.run.resume):  # per-token counts come later
         check_room(Path(cfg.run.run_path).parent, n * layout.dim * layout.dtype.itemsize,
                    f"the store ({n} rows x {layout.dim} columns)")
@@ -84,7 +86,7 @@ def build(
                 f"--resume: {part} was started with other settings (modules or row count differ)"
             )
     else:
-        offsets = token_offsets(cfg, ds) if cfg.grad.attribute_tokens else None
+        offsets = token_offsets(cfg, ds, rows_plan) if cfg.grad.attribute_tokens else None
         if offsets is not None:
             rows = int(offsets[-1])
             check_room(part, rows * layout.dim * layout.dtype.itemsize,
@@ -110,7 +112,7 @@ def build(
         configure_data_context()
         probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
         pool = worker_pool(cfg.ray)
-        spec = runner_spec(cfg, pool.device, advantages)
+        spec = runner_spec(cfg, pool.device, advantages, rows_plan)
         out_ds = run_workers(todo, spec, Rows(), cfg.ray, pool, probe=probe, faults=faults)
         for k, out in enumerate(stream(out_ds, len(todo), "build", monitor=monitor)):
             progress.update(out)  # first: a row marked written must have its loss/length
@@ -128,7 +130,7 @@ def build(
     if len(missing):
         raise RuntimeError(f"{len(missing)} rows were never written (e.g. {missing[:5]})")
 
-    write_data_hf(part, ds, progress, cfg.drop_columns)
+    write_data_hf(part, ds, progress, cfg.drop_columns, rows_plan)
     save_processor(part, ProcessorConfig.from_gradient_config(cfg.grad))
     tokens = int(np.asarray(progress.length).sum())
     positions = int(np.maximum(np.asarray(progress.length) - 1, 0).sum())

@@ -24,6 +24,7 @@ checked against what the workers reported: partial factors are never written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 from ..config import HessianRunConfig, as_config
 from ..errors import BadInputError
 from ..testing.faults import FaultPlan
-from .stages import configure_data_context, meta_model
+from .stages import configure_data_context, meta_model, plan_rows
 
 log = logging.getLogger(__name__)
 
@@ -82,44 +83,49 @@ def index_windows(n: int, window: int) -> list[np.ndarray]:
     ]
 
 
-def hessian(
-    cfg: HessianRunConfig | dict | None = None, *, faults: FaultPlan | None = None, **overrides
-) -> Path:
-    """Fit a Hessian approximation; returns the finished run directory.
+def module_groups(cfg: HessianRunConfig, names: list[str]) -> list[list[str]]:
+    """``--module_partitions``: the module groups fit one after the other (one group
+    unless a factored method asks for more; bergson fits a dense Hessian in one pass)."""
+    from ..hessians.partitions import partition_modules
 
-    ``bergson_ray.hessian(run_path="runs/h", method="kfac", ev_correction=True)``
-    """
-    import ray  # noqa: F401  (fail early if Ray is missing)
+    parts = cfg.hessian.module_partitions
+    if parts > 1 and not cfg.hessian.factored:
+        log.warning("--module_partitions applies to factored methods; %s fits in one pass",
+                    cfg.hessian.method)
+        parts = 1
+    return partition_modules(names, parts)
 
-    from ..data.loading import check_columns, load_dataset_rows
-    from ..store.processor import ProcessorConfig, save_processor, write_total_processed
-    from ..store.run_dir import RunDir
-    from ..utils.ray_env import init_ray
+
+@dataclasses.dataclass
+class FitResult:
+    """What one sharded fit reports for the run's info and summary."""
+
+    positions: int
+    eig_seconds: dict[str, float]
+    memory: list[dict[str, int]]
+    workers: int
+    shard_restarts: int
+    timings: dict[str, float]
+    reported: dict[str, dict[str, int]]
+
+
+def fit_modules(
+    cfg: HessianRunConfig,
+    modules: dict[str, Any],
+    owners: list[list[str]],
+    n: int,
+    dest: Path,
+    windows: list[np.ndarray],
+    rows_plan,
+    faults: FaultPlan | None,
+    num_files: int | None = None,
+) -> FitResult:
+    """One sharded fit of ``modules`` over every window, written under ``dest``
+    (``num_files`` factor files; default one per shard)."""
+    from ..store.processor import ProcessorConfig, save_processor
     from .sharded_fit import ShardedFit
 
-    cfg = as_config(HessianRunConfig, cfg, **overrides)
-    validate(cfg)
-    t0 = time.perf_counter()
-    ds = load_dataset_rows(cfg.data)
-    check_columns(ds.column_names, cfg.data)
-    n = len(ds)
-    if n == 0:
-        raise BadInputError(f"dataset {cfg.data.dataset!r} (split {cfg.data.split!r}) is empty")
-    modules, costs = plan_modules(cfg)
-    owners = plan_shards(cfg, costs)
-    run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite)
-    part = Path(run.part)
-    log.info(
-        "hessian %s: %d documents, %d modules on %d shards",
-        cfg.hessian.method,
-        n,
-        len(modules),
-        len(owners),
-    )
-    init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
-    configure_data_context()
-    fit = ShardedFit(cfg, modules, owners, n, faults=faults)
-    windows = index_windows(n, cfg.ray.window_size)
+    fit = ShardedFit(cfg, modules, owners, n, faults=faults, rows=rows_plan)
     try:
         fit.start_workers()
         fit.run_pass("factors", windows)
@@ -133,13 +139,13 @@ def hessian(
         fit.stop_workers()
         positions = fit.reported["factors"].get("positions", 0)
         if cfg.hessian.factored:
-            fit.write_factored(part)
+            fit.write_factored(dest, num_files=num_files)
         else:
             parts = fit.on_shards("dense", what="collecting dense Hessians")
             hessians = {k: v for h, _ in parts for k, v in h.items()}
             eigen = {k: v for _, e in parts for k, v in e.items()}
             save_processor(
-                part,
+                dest,
                 ProcessorConfig.from_gradient_config(cfg.grad),
                 hessians={m: hessians[m] for m in modules},
                 hessians_eigen={m: eigen[m] for m in modules},
@@ -147,6 +153,67 @@ def hessian(
         memory = fit.memory()
     finally:
         fit.shutdown()
+    return FitResult(positions, eig_seconds, memory, fit.pool.size, fit.shard_restarts,
+                     dict(fit.timings), fit.reported)
+
+
+def hessian(
+    cfg: HessianRunConfig | dict | None = None, *, faults: FaultPlan | None = None, **overrides
+) -> Path:
+    """Fit a Hessian approximation; returns the finished run directory.
+
+    ``bergson_ray.hessian(run_path="runs/h", method="kfac", ev_correction=True)``
+    """
+    import ray  # noqa: F401  (fail early if Ray is missing)
+
+    from ..data.loading import check_columns, load_dataset_rows
+    from ..store.processor import write_total_processed
+    from ..store.run_dir import RunDir
+    from ..utils.ray_env import init_ray
+
+    cfg = as_config(HessianRunConfig, cfg, **overrides)
+    validate(cfg)
+    t0 = time.perf_counter()
+    ds = load_dataset_rows(cfg.data, planned=True)  # rows mapped by plan_rows below
+    check_columns(ds.column_names, cfg.data)
+    if len(ds) == 0:
+        raise BadInputError(f"dataset {cfg.data.dataset!r} (split {cfg.data.split!r}) is empty")
+    rows_plan = plan_rows(cfg, ds)  # --chunk_length / --max_tokens: rows are not ds's rows
+    n = len(ds) if rows_plan is None else len(rows_plan)
+    modules, costs = plan_modules(cfg)
+    owners = plan_shards(cfg, costs)
+    run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite)
+    part = Path(run.part)
+    log.info(
+        "hessian %s: %d documents, %d modules on %d shards",
+        cfg.hessian.method,
+        n,
+        len(modules),
+        len(owners),
+    )
+    init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
+    configure_data_context()
+    windows = index_windows(n, cfg.ray.window_size)
+    groups = module_groups(cfg, list(modules))
+    if len(groups) == 1:
+        fits = [fit_modules(cfg, modules, owners, n, part, windows, rows_plan, faults)]
+    else:  # --module_partitions: one pass per group into partition_<g>, then merged
+        from ..hessians.partitions import merge_partitions, partition_dirs
+
+        dirs = partition_dirs(part, len(groups))
+        fits = []
+        for g, group in enumerate(groups):
+            log.info("hessian: module partition %d/%d (%d modules)", g + 1, len(groups), len(group))
+            sub_cfg = dataclasses.replace(cfg, grad=dataclasses.replace(cfg.grad, modules=list(group)))
+            sub = {m: modules[m] for m in group}
+            sub_owners = plan_shards(sub_cfg, {m: costs[m] for m in group})
+            fits.append(fit_modules(sub_cfg, sub, sub_owners, n, dirs[g], windows, rows_plan,
+                                    faults, num_files=len(owners)))
+        merge_partitions(part, dirs)
+    fit = fits[0]
+    positions = fit.positions
+    eig_seconds = {m: t for f in fits for m, t in f.eig_seconds.items()}
+    memory = [m for f in fits for m in f.memory]
     write_total_processed(part, positions)
     from ..hessians.factored_io import write_info
 
@@ -163,6 +230,7 @@ def hessian(
             "num_documents": n,
             "total_processed": positions,
             "num_shards": len(owners),
+            "module_partitions": len(groups),
             "scale": "eigenvalue grids are per-document means: (N/D) lambda_G lambda_A^T and sum_n (Q_G^T G_n Q_A)^2 / D",
             "modules": {
                 m: [s.out_features, s.in_dim] if cfg.hessian.factored else [s, s]
@@ -179,11 +247,12 @@ def hessian(
             "ev_correction": cfg.hessian.ev_correction,
             "documents": n,
             "positions": positions,
-            "workers": fit.pool.size,
+            "workers": fit.workers,
             "shards": len(owners),
-            "shard_restarts": fit.shard_restarts,
+            "module_partitions": len(groups),
+            "shard_restarts": sum(f.shard_restarts for f in fits),
             "seconds": round(time.perf_counter() - t0, 3),
-            **fit.timings,
+            **{k: round(sum(f.timings.get(k, 0.0) for f in fits), 3) for k in fit.timings},
             "eigendecomposition_module_s": {m: round(s, 4) for m, s in eig_seconds.items()},
             "shard_memory": memory,
             "worker_stats": fit.reported,

@@ -25,6 +25,7 @@ from .stages import (
     configure_data_context,
     open_dataset,
     plan_layout,
+    plan_rows,
     run_workers,
     runner_spec,
     stream,
@@ -68,7 +69,8 @@ def reduce(
     t0 = time.perf_counter()
     ds, advantages = open_dataset(cfg)
     layout = plan_layout(cfg.model, cfg.grad)
-    n = len(ds)
+    rows_plan = plan_rows(cfg, ds)  # --chunk_length / --max_tokens: rows are not ds's rows
+    n = len(ds) if rows_plan is None else len(rows_plan)
     progress = Progress(part, n)
 
     init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
@@ -76,7 +78,7 @@ def reduce(
     probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
     pool = worker_pool(cfg.ray)
     reducer = Reducer.options(scheduling_strategy=driver_node_strategy()).remote(n, layout.dim)
-    spec = runner_spec(cfg, pool.device, advantages)
+    spec = runner_spec(cfg, pool.device, advantages, rows_plan)
     sums = PartialSums(reducer)
     out_ds = run_workers(np.arange(n), spec, sums, cfg.ray, pool, probe=probe, faults=faults)
     monitor = StageMonitor("reduce", n, n, run=run.final.name)

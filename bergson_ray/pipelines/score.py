@@ -29,6 +29,7 @@ from .stages import (
     configure_data_context,
     open_dataset,
     plan_layout,
+    plan_rows,
     run_workers,
     runner_spec,
     stream,
@@ -204,7 +205,10 @@ def score(
     part = Path(run.part)
     t0 = time.perf_counter()
     ds, advantages = open_dataset(cfg)
-    n = len(ds)
+    rows_plan = plan_rows(cfg, ds)  # --chunk_length / --max_tokens: rows are not ds's rows
+    n = len(ds) if rows_plan is None else len(rows_plan)
+    cand = run_candidates(cfg, run, n)  # --scores: only an earlier run's best rows
+    n_rows, n = n, n if cand is None else len(cand)
     cols = 1 if cfg.score.score in ("nearest", "max", "mean") else len(query)
     per_token = cfg.grad.attribute_tokens
     if (part / "scores.bin").exists():
@@ -215,7 +219,7 @@ def score(
         if writer.num_scores != cols or writer.num_items != n:
             raise BadInputError(f"--resume: {part} was started with other settings")
     else:
-        offsets = token_offsets(cfg, ds) if per_token else None
+        offsets = token_offsets(cfg, ds, rows_plan) if per_token else None
         writer = ScoreWriter(
             part, offsets[-1] if per_token else n, cols,
             torch_dtype(cfg.score.score_precision, "--score_precision"),
@@ -223,22 +227,28 @@ def score(
         )
         body = dataclasses.asdict(cfg)
         body["score_cfg"] = dataclasses.asdict(cfg.score)  # where bergson looks for it
+        body["score_cfg"]["candidates"] = dataclasses.asdict(cfg.candidates)
+        body["score_cfg"]["token_influence"] = cfg.token_influence
         run.write_config(body, command="score")
     todo = pending_items(writer, n, per_token)
     progress = Progress(part, n)
     log.info("score: %d documents (%d to do) against %d queries -> %d columns", n, len(todo), len(query), cols)
 
-    monitor = StageMonitor("score", len(todo), n, run=run.final.name)
+    monitor = StageMonitor("score", len(todo), n_rows, run=run.final.name)  # sees dataset rows
     if len(todo):
         init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
         configure_data_context()
         probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
         pool = worker_pool(cfg.ray)
         index_cfg = dataclasses.replace(cfg, preprocess=index_side_preprocess(cfg.preprocess))
-        spec = runner_spec(index_cfg, pool.device, advantages)
+        spec = runner_spec(index_cfg, pool.device, advantages, rows_plan)
+        spec.token_influence = cfg.token_influence
         scores = Scores(ray.put(query.numpy()), cfg.score.score, cfg.score.query_batch_size)
-        out_ds = run_workers(todo, spec, scores, cfg.ray, pool, probe=probe, faults=faults)
+        work = todo if cand is None else cand[todo]  # workers see dataset (planned) rows
+        out_ds = run_workers(work, spec, scores, cfg.ray, pool, probe=probe, faults=faults)
         for k, out in enumerate(stream(out_ds, len(todo), "score", monitor=monitor)):
+            if cand is not None:  # dataset row -> its row in the compact store
+                out = {**out, "idx": np.searchsorted(cand, out["idx"])}
             progress.update(out)  # first: a row marked written must have its loss/length
             if per_token:
                 parts = [np.asarray(x, np.float32).reshape(-1, cols) for x in out["scores"]]
@@ -254,15 +264,22 @@ def score(
     if len(left):
         raise RuntimeError(f"{len(left)} documents were never scored (e.g. {left[:5]})")
 
-    write_data_hf(part, ds, progress, cfg.drop_columns)
+    write_scored_data_hf(part, ds, progress, cfg.drop_columns, rows_plan, cand)
     save_processor(part, ProcessorConfig.from_gradient_config(cfg.grad))
     lengths = np.asarray(progress.length)
     write_total_processed(part, int(np.maximum(lengths - 1, 0).sum()))
     if cfg.score.top_k > 0 or cfg.score.bottom_k > 0:
         col = cfg.data.prompt_column
-        texts = (lambda r: str(ds[int(r)][col])) if col in ds.column_names and not per_token else None
+        src = ds if rows_plan is None else rows_plan.view(ds)  # chunks: no text per row
+        ids = np.arange(n) if cand is None else cand  # store row -> dataset (planned) row
+        texts = (
+            (lambda r: str(src[int(ids[r])][col]))
+            if src is not None and col in src.column_names and not per_token
+            else None
+        )
         write_topk_parquet(
-            part / TOPK_PARQUET, ScoreColumns(writer), cfg.score.top_k, cfg.score.bottom_k, texts
+            part / TOPK_PARQUET, ScoreColumns(writer), cfg.score.top_k, cfg.score.bottom_k, texts,
+            row_ids=cand,
         )
     seconds = time.perf_counter() - t0
     run.write_summary(
@@ -270,6 +287,7 @@ def score(
             "command": "score",
             "documents": n,
             "computed_documents": int(len(todo)),
+            **({} if cand is None else {"candidates": int(len(cand)), "dataset_rows": n_rows}),
             "queries": int(len(query)),
             "columns": cols,
             "tokens": int(lengths.sum()),
@@ -282,6 +300,51 @@ def score(
     writer.close()
     shutil.rmtree(part / PROGRESS_DIR, ignore_errors=True)  # now in data.hf
     return Path(run.commit())
+
+
+def run_candidates(cfg: ScoreRunConfig, run, num_rows: int) -> np.ndarray | None:
+    """``--scores``: the dataset rows this run scores (None: all of them).
+
+    A new run selects them from the earlier run and saves ``candidates.npy`` before the
+    score file exists, so a resumed run finds them; a resumed run reads them back. Bad
+    input removes the fresh ``.part`` so the user can simply rerun.
+    """
+    from ..store.candidates import load_candidates, save_candidates, select_candidates
+
+    part = Path(run.part)
+    if (part / "scores.bin").exists():  # --resume: the rows chosen when the run started
+        saved = load_candidates(part, num_rows)
+        if (saved is None) == cfg.candidates.active:
+            raise BadInputError(f"--resume: {part} was started with other --scores settings")
+        return saved
+    if not cfg.candidates.active:
+        return None
+    try:
+        cand = select_candidates(cfg.candidates, num_rows)
+    except BadInputError:
+        if not run.resumed:
+            shutil.rmtree(part, ignore_errors=True)
+        raise
+    log.info("score: rescoring %d of %d rows chosen from %s", len(cand), num_rows, cfg.candidates.scores)
+    save_candidates(part, cand)
+    return cand
+
+
+def write_scored_data_hf(part: Path, ds, progress, drop_columns: bool, rows_plan, cand) -> None:
+    """``data.hf`` of the scored rows: every row, or only the candidates (as bergson's
+    ``ds.select(candidates)``), chunked stores with bergson's chunk columns."""
+    if cand is None:
+        return write_data_hf(part, ds, progress, drop_columns, rows_plan)
+    from ..data.row_plan import RowPlan, chunk_table
+
+    if rows_plan is None or rows_plan.chunks is None:
+        source = cand if rows_plan is None else rows_plan.source[cand]
+        return write_data_hf(part, ds, progress, drop_columns, RowPlan(source=source))
+    length = np.zeros(len(rows_plan), np.int64)
+    loss = np.zeros(len(rows_plan), np.float32)
+    length[cand], loss[cand] = progress.length[:], progress.loss[:]
+    table = chunk_table(rows_plan.chunks, length, loss).select(cand)
+    table.save_to_disk(str(part / "data.hf"))
 
 
 class ScoreColumns:

@@ -43,6 +43,7 @@ class ShardedFit:
         owners: list[list[str]],
         num_documents: int,
         faults: FaultPlan | None = None,
+        rows=None,
     ):
         import ray
 
@@ -67,6 +68,7 @@ class ShardedFit:
                 batch=cfg.batch,
                 skip_short_docs=cfg.skip_short_docs,
                 device=self.pool.device,
+                rows=rows,  # a RowPlan (--chunk_length / --max_tokens) or None
             ),
             hessian=cfg.hessian,
         )
@@ -343,14 +345,16 @@ class ShardedFit:
         except RayActorError:
             return False
 
-    def write_factored(self, root: Path) -> None:
+    def write_factored(self, root: Path, num_files: int | None = None) -> None:
         """File ``r`` of every subdir, written by shard ``r`` from all shards' row blocks.
 
         Row blocks travel shard to shard as driver-owned refs (the driver never
         holds the factors); they outlive a shard that dies after exporting.
+        ``num_files`` (default: one per shard) lets ``--module_partitions`` groups write
+        as many files as the whole fit would; shard ``r % K`` writes file ``r``.
         """
         self.fault_point("write")
-        k = len(self.shards)
+        k = num_files or len(self.shards)
         for _attempt in range(self.cfg.hessian.max_shard_restarts + 2):
             exports = []
             for s in self.shards:
@@ -358,14 +362,14 @@ class ShardedFit:
                 exports.append([refs] if k == 1 else list(refs))
             flat = [r for e in exports for r in e]
             self.ray.wait(flat, num_returns=len(flat), fetch_local=False)
-            dead = [j for j in range(k) if not self._alive(j)]
+            dead = [j for j in range(len(self.shards)) if not self._alive(j)]
             if dead:
                 for j in dead:
                     self._replace_shard(j, "exporting factors")
                 continue
             calls = [
                 (
-                    r,
+                    r % len(self.shards),
                     lambda s, r=r, parts=[e[r] for e in exports]: s.write_file.remote(
                         str(root), r, *parts
                     ),

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..config import BuildConfig, GradientConfig, ModelConfig, RayConfig
+from ..data.row_plan import RowPlan
 from ..errors import BadInputError, BergsonRayError, decode_error, load_error, unwrap
 from ..runners.gradient_runner import RunnerSpec
 from ..utils.dtypes import torch_dtype
@@ -80,11 +81,12 @@ def meta_model(model_cfg: ModelConfig, hf_cfg=None):
 def plan_layout(model_cfg: ModelConfig, grad_cfg: GradientConfig) -> Layout:
     """Row layout of a store built with these settings, from the model config alone."""
     from ..gradients.collector import PerExampleCollector
-    from ..gradients.modules import find_target_modules
+    from ..gradients.modules import find_target_modules, log_coverage
 
     hf_cfg = model_config(model_cfg)
     model = meta_model(model_cfg, hf_cfg)
     modules = find_target_modules(model, grad_cfg)
+    log_coverage(model, modules, grad_cfg.include_bias)
     sizes = PerExampleCollector(modules, grad_cfg).grad_sizes
     if model_cfg.precision == "auto":
         dtype = getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None)
@@ -239,7 +241,9 @@ def validate_build(cfg: BuildConfig) -> None:
         raise BadInputError("token_batch_size must be > 1")
 
 
-def runner_spec(cfg: BuildConfig, device: str, advantages: np.ndarray | None) -> RunnerSpec:
+def runner_spec(
+    cfg: BuildConfig, device: str, advantages: np.ndarray | None, rows: RowPlan | None = None
+) -> RunnerSpec:
     return RunnerSpec(
         model=cfg.model,
         grad=cfg.grad,
@@ -249,6 +253,7 @@ def runner_spec(cfg: BuildConfig, device: str, advantages: np.ndarray | None) ->
         skip_short_docs=cfg.skip_short_docs,
         device=device,
         advantages=advantages,
+        rows=rows,
     )
 
 
@@ -257,11 +262,15 @@ def open_dataset(cfg: BuildConfig):
     from ..data.loading import check_columns, load_dataset_rows, prompt_key
     from ..data.tokenize import estimate_advantages
 
-    ds = load_dataset_rows(cfg.data)
+    ds = load_dataset_rows(cfg.data, planned=True)  # the caller applies plan_rows
     check_columns(ds.column_names, cfg.data)
     if len(ds) == 0:
         raise BadInputError(f"dataset {cfg.data.dataset!r} (split {cfg.data.split!r}) is empty")
     advantages = None
+    if cfg.data.advantage_column:  # precomputed: weights the loss like reward-derived ones
+        from ..data.loading import column_advantages
+
+        advantages = column_advantages(ds, cfg.data)
     if cfg.data.reward_column:
         conv = bool(cfg.data.conversation_column)
         col = cfg.data.conversation_column or cfg.data.prompt_column
@@ -277,12 +286,48 @@ def open_dataset(cfg: BuildConfig):
     return ds, advantages
 
 
-def token_offsets(cfg: BuildConfig, ds) -> np.ndarray:
+def driver_tokenizer(cfg) -> tuple[object, int | None]:
+    """``(tokenizer, max_length)`` as the workers will have them, without the weights:
+    ``max_length`` is the model's context (and the token budget with --truncation)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from ..runners.model_loading import max_model_length, resolve_model_name
+
+    name = resolve_model_name(cfg.model.tokenizer or cfg.model.model)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=cfg.model.revision)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types
+        raise load_error("tokenizer", name, err) from None
+    limit = max_model_length(SimpleNamespace(config=model_config(cfg.model)), tok)
+    if cfg.data.truncation:
+        budget = cfg.batch.token_batch_size
+        limit = min(limit, budget) if limit else budget
+    return tok, limit
+
+
+def plan_rows(cfg, ds) -> RowPlan | None:
+    """``--chunk_length`` / ``--max_tokens``: how store rows map onto ``ds`` (None: one to
+    one). Tokenizes the dataset once on the driver; see ``data/row_plan.py``."""
+    from ..data.row_plan import plan_rows as make_plan
+
+    if not (cfg.data.chunk_length or cfg.data.max_tokens is not None):
+        return None
+    tok, limit = driver_tokenizer(cfg)
+    return make_plan(ds, cfg.data, tok, limit)
+
+
+def token_offsets(cfg: BuildConfig, ds, rows: RowPlan | None = None) -> np.ndarray:
     """Per-token stores need every document's token count before any row is written."""
     from transformers import AutoConfig, AutoTokenizer
 
     from ..data.tokenize import tokenize_rows
     from ..runners.model_loading import resolve_model_name
+
+    if rows is not None and rows.chunks is not None:  # every chunk: L - 1 positions
+        per = rows.chunks.chunk_length - 1
+        return (np.arange(len(rows) + 1, dtype=np.int64) * per).astype(np.int64)
 
     name = resolve_model_name(cfg.model.tokenizer or cfg.model.model)
     tok = AutoTokenizer.from_pretrained(name, revision=cfg.model.revision)
@@ -295,6 +340,8 @@ def token_offsets(cfg: BuildConfig, ds) -> np.ndarray:
     for lo in range(0, len(ds), step):
         docs = tokenize_rows(ds[lo : lo + step], tok, cfg.data, limit)
         counts[lo : lo + len(docs)] = [max(len(d.input_ids) - 1, 0) for d in docs]
+    if rows is not None:  # --max_tokens: the store's rows, repeats included
+        counts = counts[rows.source]
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
@@ -330,10 +377,26 @@ def stack_ragged(col: np.ndarray, dim: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
-def write_data_hf(part: Path, ds, progress: Progress, drop_columns: bool) -> None:
-    """``data.hf``: the dataset's rows (unless dropped) plus ``length`` and ``loss``."""
+def write_data_hf(
+    part: Path, ds, progress: Progress, drop_columns: bool, rows: RowPlan | None = None
+) -> None:
+    """``data.hf``: the dataset's rows (unless dropped) plus ``length`` and ``loss``.
+
+    With a row plan: ``--max_tokens`` rows are the dataset's rows in store order;
+    ``--chunk_length`` rows are chunks, written as bergson does (``doc_ids``, ``length``,
+    ``loss``; ``doc_ids[k][t]`` is the dataset row token ``t`` of chunk ``k`` came from).
+    """
     import datasets
 
+    if rows is not None and rows.chunks is not None:
+        from ..data.row_plan import chunk_table
+
+        chunk_table(rows.chunks, progress.length[:], progress.loss[:]).save_to_disk(
+            str(part / "data.hf")
+        )
+        return
+    if rows is not None:
+        ds = rows.view(ds)
     if drop_columns:
         out = datasets.Dataset.from_dict({"length": progress.length[:], "loss": progress.loss[:]})
     else:

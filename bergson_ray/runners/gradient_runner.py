@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from ..config import BatchConfig, DataConfig, GradientConfig, ModelConfig, PreprocessConfig
+from ..data.row_plan import RowPlan
 from ..errors import BadInputError
 from ..gradients.engine import BatchResult, GradientEngine
+from ..gradients.losses import scale_logits
 from ..gradients.normalizers import load_optimizer_normalizers
 from .model_loading import load_model, max_model_length
 from .preprocess import RowPreprocessor
@@ -42,6 +44,12 @@ class RunnerSpec:
     device: str = "cpu"
     advantages: np.ndarray | None = None
     """Per-row advantage (GRPO), indexed by dataset row; computed once by the driver."""
+    rows: RowPlan | None = None
+    """Store rows -> dataset rows or chunks (``--max_tokens``, ``--chunk_length``); made
+    once by the driver. None: store row i is dataset row i."""
+    token_influence: str = "gradient"
+    """``score --token_influence``: ``output`` scores each loss term along the query
+    (``gradients/output_influence.py``) instead of scoring gradients."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class GradientRunner:
 
         self.spec = spec
         model, self.tokenizer = load_model(spec.model, spec.device)
+        scale_logits(model, spec.grad.logit_scale)  # --logit_scale: a hook on the LM head
         normalizers = None
         if spec.grad.optimizer_state:
             from ..gradients.modules import find_target_modules
@@ -85,7 +94,7 @@ class GradientRunner:
                 spec.grad.optimizer_state, model, mods, spec.grad.include_bias
             )
         self.engine = GradientEngine(model, spec.grad, normalizers=normalizers)
-        self.source = DatasetRows(spec.data)
+        self.source = DatasetRows(spec.data, planned=spec.rows is not None)
         limit = max_model_length(model, self.tokenizer)
         if spec.data.truncation:
             budget = spec.batch.token_batch_size
@@ -98,10 +107,16 @@ class GradientRunner:
     def tokenize(self, idx: np.ndarray) -> list:
         from ..data.tokenize import tokenize_rows
 
-        rows = self.source.rows(idx)
+        plan = self.spec.rows
+        if plan is not None and plan.chunks is not None:  # --chunk_length
+            from ..data.row_plan import chunk_docs
+
+            return chunk_docs(plan.chunks, idx, self.source.rows, self.tokenizer, self.spec.data)
+        src = idx if plan is None else plan.dataset_rows(idx)  # --max_tokens may repeat rows
+        rows = self.source.rows(src)
         docs = tokenize_rows(rows, self.tokenizer, self.spec.data, self.max_length)
         if self.spec.advantages is not None:
-            for d, i in zip(docs, idx):
+            for d, i in zip(docs, src):
                 d.advantage = float(self.spec.advantages[int(i)])
         short = [int(i) for d, i in zip(docs, idx) if len(d.input_ids) < 2]
         if short and not self.spec.skip_short_docs:
@@ -191,6 +206,8 @@ class GradientRunner:
         """
         from ..gradients.scoring import num_score_columns, score_rows
 
+        if self.spec.token_influence == "output":
+            return self.output_scores(idx, query, mode)
         idx = np.asarray(idx, dtype=np.int64)
         docs = self.tokenize(idx)
         n = len(idx)
@@ -215,6 +232,58 @@ class GradientRunner:
                     start += c
             else:
                 out_scores[positions] = s
+        out = {"idx": idx, "loss": loss, "length": lengths}
+        if per_token:
+            ragged = np.empty(n, dtype=object)
+            for i, r in enumerate(out_scores):
+                ragged[i] = r
+            out["scores"] = ragged
+            out["token_count"] = np.maximum(lengths - 1, 0) * (lengths >= 2)
+        else:
+            out["scores"] = out_scores
+        return out
+
+    def output_scores(self, idx: np.ndarray, query: torch.Tensor, mode: str) -> dict[str, np.ndarray]:
+        """:meth:`scores` with ``--token_influence output``: one forward-mode pass per query
+        column and batch; row ``t`` of a document is the loss on token ``t + 1``."""
+        from ..data.batching import collate
+        from ..gradients import output_influence as oi
+
+        if not getattr(self, "_eager", False):
+            oi.use_eager_attention(self.engine.model)
+            self._eager = True
+        model, grad = self.engine.model, self.spec.grad
+        query = torch.as_tensor(np.asarray(query), dtype=torch.float32)
+        directions = oi.query_directions(model, self.engine.modules, self.engine.grad_sizes, query)
+        idx = np.asarray(idx, dtype=np.int64)
+        docs = self.tokenize(idx)
+        n, per_token = len(idx), grad.attribute_tokens
+        lengths = np.array([len(d.input_ids) for d in docs], dtype=np.int64)
+        loss = np.zeros(n, dtype=np.float32)
+        cols = 1 if mode in ("nearest", "max", "mean") else len(query)
+        out_scores = (
+            [np.zeros((0, cols), np.float32)] * n if per_token else np.zeros((n, cols), np.float32)
+        )
+        device = self.engine.device
+        for positions in self.batches(docs):
+            batch = collate([docs[j] for j in positions])
+            rates, doc_loss = oi.output_token_rates(
+                model, batch.input_ids.to(device), batch.labels.to(device), directions,
+                loss_fn=grad.loss_fn, reduction=grad.loss_reduction,
+                label_smoothing=grad.label_smoothing, advantage=batch.advantage,
+            )
+            rates = rates.cpu()
+            if mode in ("nearest", "max"):
+                rates = rates.amax(dim=-1, keepdim=True) if per_token else rates
+            loss[positions] = doc_loss.cpu().numpy()
+            if per_token:
+                for j, pos in enumerate(positions):
+                    out_scores[pos] = rates[j, : max(lengths[pos] - 1, 0)].numpy()
+            else:
+                s = rates.sum(dim=1)
+                if mode in ("nearest", "max"):
+                    s = s.amax(dim=1, keepdim=True)
+                out_scores[positions] = s.numpy()
         out = {"idx": idx, "loss": loss, "length": lengths}
         if per_token:
             ragged = np.empty(n, dtype=object)

@@ -41,10 +41,27 @@ def model_dtype(precision: str) -> torch.dtype | str:
     return "auto" if precision == "auto" else torch_dtype(precision, "precision")
 
 
+def apply_kernel_settings(cfg: ModelConfig) -> None:
+    """``--force_math_sdp`` / ``--use_tf32_matmuls``: process-wide torch settings, applied
+    where each worker loads its model (``test_model_configuration`` says when to use them).
+
+    Disabling the flash and memory-efficient SDPA backends makes ``scaled_dot_product_attention``
+    use the math kernel on GPU *and* CPU (torch's CPU dispatcher honours the same flags).
+    """
+    if getattr(cfg, "force_math_sdp", False):
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+            torch.backends.cuda.enable_cudnn_sdp(False)
+    if getattr(cfg, "use_tf32_matmuls", False):
+        torch.set_float32_matmul_precision("high")
+
+
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"):
     """Return ``(model, tokenizer)`` with the model in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    apply_kernel_settings(cfg)
     quiet_model_loading()
     name = resolve_model_name(cfg.model)
     kwargs = parse_kv(cfg.model_kwargs, "--model_kwargs")

@@ -90,7 +90,12 @@ def bergson_index_cfg(cfg: Any) -> dict[str, Any]:
             "skip_nan_rewards": d.skip_nan_rewards,
             "truncation": d.truncation,
             "data_kwargs": d.data_kwargs,
+            "advantage_column": d.advantage_column,
+            "format_template": d.format_template,
+            "chunk_length": d.chunk_length,
         },
+        "max_tokens": d.max_tokens,
+        "logit_scale": g.logit_scale,
         "tokenizer": _resolved(m.tokenizer, resolve_model_path),
         "drop_columns": bool(cfg.drop_columns),
         "projection_dim": g.projection_dim,
@@ -165,7 +170,10 @@ def _from_bergson_step(body: dict[str, Any], run_path: Path) -> dict[str, Any] |
     out: dict[str, Any] = {
         "run": {"run_path": str(idx.get("run_path", run_path))},
         "model": _known(ModelConfig, idx),
-        "data": _known(DataConfig, idx.get("data") or {}),
+        "data": {
+            **_known(DataConfig, idx.get("data") or {}),
+            **({"max_tokens": idx["max_tokens"]} if idx.get("max_tokens") is not None else {}),
+        },
         "grad": grad,
         "batch": {k: idx[k] for k in ("token_batch_size", "max_batch_size") if k in idx},
         "preprocess": {

@@ -121,6 +121,8 @@ def load_tokenized(
 
     if data_cfg.reward_column:
         raise BadInputError("train does not support --reward_column (advantage-weighted loss)")
+    if data_cfg.advantage_column:
+        raise BadInputError("train does not support --advantage_column (advantage-weighted loss)")
     ds = load_dataset_rows(data_cfg)
     check_columns(ds.column_names, data_cfg)
     ds = ds.select_columns(needed_columns(data_cfg))
