@@ -33,7 +33,8 @@ from typing import Any
 
 from ..config import BuildConfig, PreprocessConfig, RunConfig, ScoreRunConfig, as_config
 from ..config.lissa import LissaRunConfig
-from ..errors import BadInputError, RunExistsError
+from ..errors import BadInputError
+from .steps import StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -41,46 +42,6 @@ STEPS = ("query", "lissa_query", "scores")
 REPEATS = "repeats"
 SETTINGS = "lissa_settings.json"
 SUMMARY = "lissa.json"
-
-
-class Steps:
-    """Which step dirs to reuse or (re)compute; a record of what happened."""
-
-    def __init__(self, root: Path, cfg: LissaRunConfig):
-        self.root = root
-        self.resume = cfg.run.resume
-        self.overwrite = cfg.run.overwrite
-        self.ran: list[str] = []
-        self.reused: list[str] = []
-        self.stale: set[str] = set()
-        present = [s for s in STEPS if (root / s).exists() or (root / f"{s}.part").exists()]
-        if present and not (self.resume or self.overwrite):
-            raise RunExistsError(
-                f"{root} already holds lissa steps ({', '.join(present)}); pass --resume to "
-                "reuse the finished ones or --overwrite to compute them again"
-            )
-
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    def done(self, name: str, after: tuple[str, ...] = ()) -> bool:
-        """A finished step is reused (under --resume) unless a step it is made from ran;
-        then it is stale: its result, or its unfinished ``.part``, is replaced."""
-        if any(dep in self.ran for dep in after):
-            self.stale.add(name)
-        if (self.root / name).is_dir() and not self.overwrite and name not in self.stale:
-            log.info("lissa: reusing finished step %s", self.root / name)
-            self.reused.append(name)
-            return True
-        self.ran.append(name)
-        return False
-
-    def run_config(self, name: str) -> RunConfig:
-        """The sub-run of a step being computed: replace a finished or stale result,
-        continue an unfinished one."""
-        replace = self.overwrite or name in self.stale or (self.root / name).is_dir()
-        return RunConfig(run_path=str(self.path(name)), overwrite=replace,
-                         resume=self.resume and not replace)
 
 
 def _with_query_default(cfg: LissaRunConfig) -> LissaRunConfig:
@@ -135,7 +96,7 @@ def precheck(cfg: LissaRunConfig) -> int:
     return len(train)
 
 
-def _query_store(cfg: LissaRunConfig, steps: Steps) -> Path:
+def _query_store(cfg: LissaRunConfig, steps: StepRecord) -> Path:
     """Full per-example query gradients (aggregated if asked); the training side's
     ``--attribute_tokens`` does not apply to the query (as bergson does when aggregating)."""
     from .build import build
@@ -272,7 +233,7 @@ def lissa(cfg: LissaRunConfig | dict | None = None, *, faults: Any = None, **ove
     t0 = time.perf_counter()
     n_train = precheck(cfg)
     root = Path(cfg.run.run_path)
-    steps = Steps(root, cfg)
+    steps = StepRecord(root, cfg.run, "lissa", STEPS)
     root.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"train_rows": n_train}
 

@@ -43,7 +43,8 @@ from ..config import (
     as_config,
 )
 from ..config.trackstar import MixConfig, TrackstarRunConfig
-from ..errors import BadInputError, RunExistsError
+from ..errors import BadInputError
+from .steps import StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -76,56 +77,11 @@ def first_rows(data: DataConfig, n: int | None) -> DataConfig:
     return dataclasses.replace(data, split="+".join(pieces)) if pieces else data
 
 
-class Steps:
-    """Which step dirs exist, which to (re)compute, and a record of what happened."""
-
-    def __init__(self, root: Path, cfg: TrackstarRunConfig):
-        self.root = root
-        self.resume = cfg.run.resume
-        self.overwrite = cfg.run.overwrite
-        self.ran: list[str] = []
-        self.reused: list[str] = []
-        self.stale: set[str] = set()
-        present = [s for s in STEPS if (root / s).exists() or (root / f"{s}.part").exists()]
-        if present and not (self.resume or self.overwrite):
-            raise RunExistsError(
-                f"{root} already holds trackstar steps ({', '.join(present)}); pass --resume "
-                "to reuse the finished ones or --overwrite to compute them again"
-            )
-
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    def done(self, name: str, after: tuple[str, ...] = (), hessian: Path | None = None) -> bool:
-        """A finished step is reused under --resume (never without: see __init__), unless
-        a step it is made from (``after``) was just recomputed, or its ``config.yaml``
-        names another Hessian than ``hessian`` (a run resumed with other --mix_hessians):
-        then it is stale."""
-        if (self.root / name).is_dir() and not self.overwrite:
-            cfg_file = self.root / name / "config.yaml"
-            other = hessian is not None and (
-                not cfg_file.is_file() or str(hessian) not in cfg_file.read_text()
-            )
-            if not other and not any(dep in self.ran for dep in after):
-                log.info("trackstar: reusing finished step %s", self.root / name)
-                self.reused.append(name)
-                return True
-            log.info("trackstar: recomputing %s (a step it depends on was recomputed)", name)
-            self.stale.add(name)
-        self.ran.append(name)
-        return False
-
-    def run_config(self, name: str) -> RunConfig:
-        """The sub-run of step ``name``: replace a stale result, continue an unfinished one."""
-        return RunConfig(
-            run_path=str(self.path(name)),
-            overwrite=self.replace(name),
-            resume=self.resume and not self.replace(name),
-        )
-
-    def replace(self, name: str) -> bool:
-        """Whether the step's sub-run may replace an existing result."""
-        return self.overwrite or name in self.stale
+def _names_other_hessian(step: Path, hessian: Path) -> bool:
+    """Whether a finished step was made with another Hessian than ``hessian`` (a run
+    resumed with other --mix_hessians); its ``config.yaml`` names the one it used."""
+    cfg_file = step / "config.yaml"
+    return step.is_dir() and (not cfg_file.is_file() or str(hessian) not in cfg_file.read_text())
 
 
 def _hessian_cfg(cfg: TrackstarRunConfig, data: DataConfig, path: Path) -> HessianRunConfig:
@@ -158,7 +114,7 @@ def fit_concurrently(jobs: list[HessianRunConfig]) -> None:
             raise err
 
 
-def _query_store(cfg: TrackstarRunConfig, steps: Steps, pre) -> Path:
+def _query_store(cfg: TrackstarRunConfig, steps: StepRecord, pre) -> Path:
     from .build import build
     from .reduce import reduce
 
@@ -222,7 +178,7 @@ def trackstar(cfg: TrackstarRunConfig | dict | None = None, **overrides) -> Path
             "pass it or --mix_hessians false"
         )
     root = Path(cfg.run.run_path)
-    steps = Steps(root, cfg)
+    steps = StepRecord(root, cfg.run, "trackstar", STEPS)
     root.mkdir(parents=True, exist_ok=True)
     record: dict = {"train_rows": n_train, "query_rows": n_query}
 
@@ -270,11 +226,13 @@ def trackstar(cfg: TrackstarRunConfig | dict | None = None, **overrides) -> Path
         log.info("trackstar: scoring against the existing query store %s", qpath)
     else:
         qpath = steps.path("query")
-        if not steps.done("query", ("value_hessian", "mixed_hessian"), hessian_path):
+        if not steps.done("query", ("value_hessian", "mixed_hessian"),
+                          stale=_names_other_hessian(steps.path("query"), hessian_path)):
             qpath = _query_store(cfg, steps, pre)
 
     spath = steps.path("scores")
-    if not steps.done("scores", ("value_hessian", "mixed_hessian", "query"), hessian_path):
+    if not steps.done("scores", ("value_hessian", "mixed_hessian", "query"),
+                          stale=_names_other_hessian(steps.path("scores"), hessian_path)):
         spath = score(
             ScoreRunConfig(
                 run=steps.run_config("scores"),
