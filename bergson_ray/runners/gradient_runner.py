@@ -69,6 +69,21 @@ class OneProcess:
         return GradientRunner(spec)
 
 
+def score_columns(idx, loss, lengths, scores, per_token: bool) -> dict[str, np.ndarray]:
+    """A batch's scores as worker output columns; per-token scores as one ragged object
+    column (a document's [tokens, queries] rows) plus each document's token count."""
+    out = {"idx": idx, "loss": loss, "length": lengths}
+    if not per_token:
+        out["scores"] = scores
+        return out
+    ragged = np.empty(len(scores), dtype=object)
+    for i, r in enumerate(scores):
+        ragged[i] = r
+    out["scores"] = ragged
+    out["token_count"] = np.maximum(lengths - 1, 0) * (lengths >= 2)
+    return out
+
+
 def numpy_rows(x: torch.Tensor) -> np.ndarray:
     """Tensor -> numpy without losing bf16 (shipped as its uint16 bit pattern)."""
     if x.dtype == torch.bfloat16:
@@ -232,16 +247,7 @@ class GradientRunner:
                     start += c
             else:
                 out_scores[positions] = s
-        out = {"idx": idx, "loss": loss, "length": lengths}
-        if per_token:
-            ragged = np.empty(n, dtype=object)
-            for i, r in enumerate(out_scores):
-                ragged[i] = r
-            out["scores"] = ragged
-            out["token_count"] = np.maximum(lengths - 1, 0) * (lengths >= 2)
-        else:
-            out["scores"] = out_scores
-        return out
+        return score_columns(idx, loss, lengths, out_scores, per_token)
 
     def output_scores(self, idx: np.ndarray, query: torch.Tensor, mode: str) -> dict[str, np.ndarray]:
         """:meth:`scores` with ``--token_influence output``: one forward-mode pass per query
@@ -284,16 +290,7 @@ class GradientRunner:
                 if mode in ("nearest", "max"):
                     s = s.amax(dim=1, keepdim=True)
                 out_scores[positions] = s.numpy()
-        out = {"idx": idx, "loss": loss, "length": lengths}
-        if per_token:
-            ragged = np.empty(n, dtype=object)
-            for i, r in enumerate(out_scores):
-                ragged[i] = r
-            out["scores"] = ragged
-            out["token_count"] = np.maximum(lengths - 1, 0) * (lengths >= 2)
-        else:
-            out["scores"] = out_scores
-        return out
+        return score_columns(idx, loss, lengths, out_scores, per_token)
 
     def _scatter_tokens(self, token_rows: list, positions: list[int], res: BatchResult) -> None:
         counts = res.token_counts.tolist()
