@@ -51,7 +51,8 @@ def ours(model: str, data: str, out: Path, workers: int) -> dict:
     # With W workers in parallel the loop lasts about busy / W.
     busy = summary.get("worker_compute_seconds")
     r["loop"] = busy / workers if busy else tqdm_seconds(r["output"], "build")
-    r["startup"] = summary.get("startup_seconds")
+    r["startup"] = summary.get("startup", {})
+    r["driver_bytes"] = summary.get("driver_bytes_per_row")
     return r
 
 
@@ -69,9 +70,15 @@ def line(name: str, r: dict, tokens: int) -> str:
         tail = r["output"].strip().splitlines()[-3:]
         return f"{name:<22} FAILED rc={r['rc']}: {' | '.join(tail)}"
     loop = f"{tokens / r['loop']:9.0f}" if r.get("loop") else "      n/a"
-    startup = f"  (start-up {r['startup']:.0f}s)" if r.get("startup") else ""
-    return (f"{name:<22} wall {r['wall']:7.1f}s  e2e {tokens / r['wall']:8.0f} tok/s  "
-            f"loop {loop} tok/s  peak RSS {r['peak_mib']:7.0f} MiB{startup}")
+    text = (f"{name:<22} wall {r['wall']:7.1f}s  e2e {tokens / r['wall']:8.0f} tok/s  "
+            f"loop {loop} tok/s  peak RSS {r['peak_mib']:7.0f} MiB")
+    st = r.get("startup")
+    if st:  # summary.json's breakdown: process start -> first gradients
+        text += (f"\n{'':<22} start-up {st['first_gradient_s']:.1f}s = to stage "
+                 f"{st['process_to_stage_s']:.1f}s + Ray {st['ray_start_s']:.1f}s + workers to "
+                 f"first batch {st['workers_to_first_batch_s']:.1f}s (of which worker set-up "
+                 f"{st['worker_setup_s']:.1f}s); driver received {r['driver_bytes']} B/row")
+    return text
 
 
 def main() -> None:

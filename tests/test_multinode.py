@@ -88,6 +88,7 @@ def _restore_session_ray() -> None:
     """Bring back the session-wide local Ray (same settings as conftest's fixture)."""
     if not ray.is_initialized():
         ray.init(
+            address="local",
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=512 * MiB,
@@ -159,6 +160,9 @@ def test_build_spread_over_two_worker_nodes_equals_one_node(mn, one_node, tmp_pa
     assert mn.head not in per_node
     assert_exactly_once(out)
     assert_same(rows_of(out), rows_of(one_node))
+    # the workers wrote the rows on their nodes: the driver got tens of bytes per row
+    row_bytes = rows_of(out).shape[1] * 4
+    assert summary_of(out)["driver_bytes_per_row"] <= 48 < row_bytes, summary_of(out)
 
 
 @pytest.mark.slow

@@ -139,6 +139,36 @@ def test_written_flags_and_resume(tmp_path):
     assert store.written is not None and store.written.all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_worker_row_sinks_write_exactly_the_writers_bytes(tmp_path, dtype):
+    """Workers write rows themselves (``RowSink``, pwrite): two sinks filling disjoint,
+    interleaved, unsorted rows of one store give byte for byte the store the writer
+    alone produces, and bf16 rows shipped as uint16 bit patterns land unchanged."""
+    from bergson_ray.store.row_sink import RowSink
+
+    rows = _rows(7)
+    ref = GradientStoreWriter(tmp_path / "ref", num_items=7, grad_sizes=SIZES, dtype=dtype)
+    ref.write_rows(np.arange(7), rows)
+    ref.close()
+    w = GradientStoreWriter(tmp_path / "w", num_items=7, grad_sizes=SIZES, dtype=dtype)
+    a, b = RowSink(tmp_path / "w"), RowSink(tmp_path / "w")  # two workers
+    a.write_rows([5, 0, 2], rows[[5, 0, 2]])
+    bits = element_type(dtype).storage
+    shipped = rows[[3, 1, 6, 4]].to(element_type(dtype).torch_dtype)
+    if dtype == "bfloat16":  # how a worker's bf16 rows come out of numpy_rows
+        shipped = shipped.view(torch.int16).numpy().view(bits)
+    b.write_rows([3, 1, 6, 4], shipped)
+    a.sync(), b.sync(), a.close(), b.close()
+    assert w.missing_items().size == 7  # the driver alone flags rows written
+    w.mark_written(np.arange(7))
+    w.close()
+    got, want = (p / "gradients.bin" for p in (tmp_path / "w", tmp_path / "ref"))
+    assert got.read_bytes() == want.read_bytes()
+    assert GradientStore.open(tmp_path / "w").written.all()
+    with pytest.raises(BadInputError, match="closed"):
+        a.write_rows([0], rows[[0]])
+
+
 def test_unfinished_stores_are_never_read_as_complete(tmp_path):
     """A store with unwritten rows, or any ``.part`` directory, is refused by every reader
     (score's query, serve, Attributor all open stores through ``GradientStore.open``)."""

@@ -4,7 +4,8 @@
 (``pipelines/placement.py: map_workers``). What differs is composed from two small
 strategy objects passed in the constructor kwargs:
 
-* the **output** — :class:`Rows` (gradient rows back to the driver), :class:`PartialSums`
+* the **output** — :class:`StoredRows` (the worker writes its gradient rows into the
+  store itself; only bookkeeping goes back), :class:`PartialSums`
   (an fp64 sum per batch pushed to the reducer actor; only counts go back) or
   :class:`Scores` (rows scored against a query bank fetched once; only scores go back);
 * the **runner** — :class:`~bergson_ray.runners.gradient_runner.OneProcess` (the model
@@ -15,7 +16,8 @@ Every worker also re-checks, on its own node, that it sees the run directory
 (autoscaled nodes join after the driver's up-front check), turns user errors, at
 start-up or per batch, into an ``error`` column the driver re-raises, and tags each
 output row with its node id (``rows_per_node`` in the summary). Ray Data restarts a
-crashed worker and re-runs the batches it lost, so each row reaches the driver once.
+crashed worker and re-runs the batches it lost: every row is computed and written (a
+re-run writes the same bytes again) and the driver counts each row once.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------ outputs
 class Rows:
-    """Per-document gradient rows (``grads``), for ``build``."""
+    """Per-document gradient rows (``grads``) back to the driver (the base output)."""
 
     def setup(self) -> None:
         pass
@@ -44,6 +46,35 @@ class Rows:
 
     def deliver(self, out: dict[str, np.ndarray]) -> None:
         pass
+
+
+@dataclass
+class StoredRows(Rows):
+    """Gradient rows written by the worker itself into the run's store, for ``build``.
+
+    Only bookkeeping (index, loss, length, node, timing: tens of bytes per row) goes
+    back to the driver, which flags the rows written; the rows are durable before the
+    batch returns (``store/row_sink.py``). Every node sees the store: the storage probe
+    each worker runs at start-up proves it.
+    """
+
+    store: str
+    """The store directory (the run's ``.part``), created by the driver."""
+
+    def setup(self) -> None:
+        from ..store.row_sink import RowSink
+
+        self.sink = RowSink(self.store)
+
+    def deliver(self, out: dict[str, np.ndarray]) -> None:
+        grads = out.pop("grads")
+        if "token_count" in out:  # per-token: one [count, D] array per document
+            parts = [np.asarray(g).reshape(-1, self.sink.info.total_dim) for g in grads]
+            rows = np.concatenate(parts) if parts else grads
+            self.sink.write_items(out["idx"], rows, out["token_count"])
+        else:
+            self.sink.write_rows(out["idx"], grads)
+        self.sink.sync()
 
 
 @dataclass
@@ -98,16 +129,23 @@ class BatchWorker:
     def __init__(self, spec, output: Rows, runner, probe=None, faults=None):
         import ray
 
+        t0 = time.perf_counter()
         self.output = output
         self.faults = faults
+        from ..utils.metrics import node_key
+
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        self.node_key = node_key(self.node)
         self.batches = 0
         self.init_error: str | None = None
+        self.setup_s = 0.0
+        """Model load and set-up, reported once with the first batch (summary.json)."""
         try:
             if probe is not None:  # a pipelines.storage.Probe
                 probe.verify(blind=faults is not None and faults.hides_storage(self.node))
             self.runner = runner.build(spec)
             output.setup()
+            self.setup_s = time.perf_counter() - t0
         except BergsonRayError as err:
             # Raised from __init__, Ray reports only "actor died in its creation task";
             # as an error column the driver re-raises the user's own message.
@@ -124,7 +162,10 @@ class BatchWorker:
             self.output.deliver(out)
         if self.faults is not None:
             self.faults.after_batch(self.batches, self.node)  # test hook: the one seam
-        out["node"] = np.full(len(out["idx"]), self.node)
+        out["node"] = np.full(len(out["idx"]), self.node_key, dtype=np.int64)
+        out["setup_s"] = np.zeros(len(out["idx"]), dtype=np.float32)
+        if self.batches == 1 and len(out["idx"]):
+            out["setup_s"][0] = self.setup_s
         return out
 
 
@@ -138,7 +179,8 @@ def guarded(fn, idx: np.ndarray) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         out = fn(idx)
         # busy time per row: the driver sums it into the run's compute throughput
-        out["compute_s"] = np.full(len(idx), (time.perf_counter() - t0) / max(len(idx), 1))
+        per_row = (time.perf_counter() - t0) / max(len(idx), 1)
+        out["compute_s"] = np.full(len(idx), per_row, dtype=np.float32)
         return out
     except BergsonRayError as err:
         return {"idx": np.asarray(idx), "error": np.array([encode_error(err)] * len(idx))}

@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
         "--num_workers", type=int, default=0, metavar="N", help="gradient workers (0 = auto)"
     )
     p.add_argument("--query", action="append", help="a prompt to attribute (repeatable)")
+    p.add_argument(
+        "--split", default="train", metavar="SPLIT",
+        help="rows of the tiny corpus to index (e.g. 'train[:300]' for a quicker look)",
+    )
     p.set_defaults(func=run)
 
 
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = tuple(args.query) if args.query else EXAMPLE_PROMPTS
     results = quickstart(
         args.run_path, prompts, k=args.k, projection_dim=args.projection_dim,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers, split=args.split,
     )
     print(format_hits(prompts, results))
     print(f"\nquickstart finished in {time.perf_counter() - t0:.1f}s (store: {args.run_path}/index)")

@@ -67,7 +67,7 @@ BERGSON_DEFAULTS: dict[str, Any] = {
     "peft_init_kwargs": "",
     "use_tf32_matmuls": False,
     "force_math_sdp": False,
-    "reshape_to_square": False,
+    "reshape_to_square": IGNORED,
     "auto_batch_size": False,
     "unit_normalize": False,
     "aggregation": "none",
@@ -79,7 +79,16 @@ BERGSON_DEFAULTS: dict[str, Any] = {
     "grad_checkpointing": False,
 }
 """bergson options a command of ours lacks: accepted at bergson's default (``IGNORED``:
-any value, it does not change results here), an error naming them otherwise."""
+any value, it does not change results here), an error naming them otherwise.
+
+A command that has the option takes it as its own flag (:func:`flatten_bergson` looks
+there first): ``build`` / ``score`` / ``hessian`` map ``peft_init_kwargs``,
+``auto_batch_size``, ``reshape_to_square``, ``force_math_sdp``, ``use_tf32_matmuls`` and
+the data options onto their real flags. The entries stay for the commands that lack them
+(``train``, ``magic``, ``validate``, ``ekfac``'s model section, ...): bergson writes every
+field of its configs, so its YAML for those commands carries them at their defaults.
+``reshape_to_square`` changes nothing in bergson 2.5.1 (its collector never reshapes), so
+any value is accepted where we lack it."""
 
 _OWN_SECTIONS = frozenset({"run", "grad", "batch", "ray"})
 

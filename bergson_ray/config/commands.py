@@ -14,9 +14,11 @@ from typing import Literal
 from .candidates import CandidateConfig
 from .hessian import HessianConfig
 from .sections import (
+    QUANTIZED_PRECISIONS,
     BatchConfig,
     DataConfig,
     GradientConfig,
+    IndexModelConfig,
     Inversion,
     ModelConfig,
     PreprocessConfig,
@@ -27,12 +29,49 @@ from .sections import (
 )
 
 
+def check_model_options(model: ModelConfig, grad: GradientConfig, batch: BatchConfig, ray: RayConfig) -> None:
+    """bergson's model options that need the worker settings too (build, score, hessian).
+
+    ``--precision int4|int8`` needs a CUDA GPU: refused here, before Ray starts, when the
+    workers are bound to run on CPU (``--worker_device cpu``, or a local Ray on a machine
+    without a visible GPU). A cluster given by ``--address`` / ``RAY_ADDRESS`` may have GPU
+    workers, so there the worker that loads the model says it instead.
+    """
+    if model.precision in QUANTIZED_PRECISIONS:
+        what = f"--precision {model.precision}"
+        require(not ray.fsdp, f"{what} cannot be combined with --fsdp: bitsandbytes weights are not sharded here")
+        require(
+            ray.worker_device != "cpu" and _gpu_workers_possible(ray),
+            f"{what} loads a bitsandbytes-quantized model, which needs a CUDA GPU, and the "
+            "workers would run on CPU; use --precision bf16 or fp16 there",
+        )
+    if getattr(model, "peft_init_kwargs", ""):
+        require(
+            not grad.moe_experts,
+            "--moe_experts cannot be combined with a PEFT adapter: the adapter's modules are what is tracked",
+        )
+    require(
+        not (batch.auto_batch_size and ray.fsdp),
+        "--auto_batch_size does not search over an --fsdp group; set --token_batch_size",
+    )
+
+
+def _gpu_workers_possible(ray: RayConfig) -> bool:
+    import os
+
+    if ray.address or os.environ.get("RAY_ADDRESS"):
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @dataclass
 class BuildConfig:
     """Everything ``bergson-ray build`` (and ``reduce``) needs."""
 
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: IndexModelConfig = field(default_factory=IndexModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     grad: GradientConfig = field(default_factory=GradientConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -48,6 +87,7 @@ class BuildConfig:
             not (self.grad.attribute_tokens and self.preprocess.aggregation != "none"),
             "--attribute_tokens needs --aggregation none",
         )
+        check_model_options(self.model, self.grad, self.batch, self.ray)
 
 
 TokenInfluence = Literal["gradient", "output"]
@@ -124,7 +164,7 @@ class HessianRunConfig:
     """Everything ``bergson-ray hessian`` needs."""
 
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: IndexModelConfig = field(default_factory=IndexModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     grad: GradientConfig = field(default_factory=GradientConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -139,6 +179,7 @@ class HessianRunConfig:
             "hessian keeps its sums in memory and cannot --resume; rerun it",
         )
         self.hessian.check_against(self.grad)
+        check_model_options(self.model, self.grad, self.batch, self.ray)
 
 
 @dataclass
@@ -146,7 +187,7 @@ class EkfacRunConfig:
     """bergson's ``ekfac`` (HessianPipelineConfig) on Ray."""
 
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: IndexModelConfig = field(default_factory=IndexModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     query: DataConfig = field(default_factory=lambda: DataConfig(dataset=""))
     grad: GradientConfig = field(default_factory=GradientConfig)
@@ -179,6 +220,7 @@ class EkfacRunConfig:
             self.query_batch_size is None or self.query_batch_size >= 1,
             "--query_batch_size must be >= 1",
         )
+        check_model_options(self.model, self.grad, self.batch, self.ray)
 
 
 SECTION_HELP: dict[str, str] = {

@@ -18,6 +18,9 @@ from typing import Literal
 from ..errors import BadInputError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "fp64"]
+IndexPrecision = Literal["auto", "fp32", "bf16", "fp16", "fp64", "int4", "int8"]
+QUANTIZED_PRECISIONS = ("int4", "int8")
+"""bitsandbytes precisions (GPU only): 4-bit NF4 and 8-bit weights, bf16 elsewhere."""
 
 TINY = "tiny"
 """Model/dataset name of the embedded tiny default (built locally, never downloaded)."""
@@ -156,6 +159,8 @@ class GradientConfig:
     """optimizer.pt / .safetensors file (or a dir holding one): Adam/Adafactor normalizers."""
     moe_experts: str = ""
     """Comma-separated globs naming MoE experts modules with fused 3-D expert weights (e.g. 'model.layers.*.mlp.experts'): track each expert's projections as modules."""
+    reshape_to_square: bool = False
+    """Recorded in processor_config.yaml as bergson does; bergson 2.5.1 never applies it (its collector does not reshape), so rows are unchanged."""
 
     def __post_init__(self) -> None:
         require(self.projection_dim >= 0, "--projection_dim must be >= 0")
@@ -192,6 +197,26 @@ class ModelConfig:
 
 
 @dataclass
+class IndexModelConfig(ModelConfig):
+    """Which model to load and how (build, score, reduce, hessian: bergson's IndexConfig
+    adds quantized precisions and PEFT adapters; --model may be an adapter directory)."""
+
+    precision: IndexPrecision = "fp32"
+    """dtype of the model weights (auto = the checkpoint's own; int4/int8 = bitsandbytes-quantized, CUDA only)."""
+    peft_init_kwargs: str = ""
+    """Wrap the model in a new PEFT adapter made from these peft config arguments, k=v,k2=v2 (a|b is a list, LoRA unless peft_type=...); only the adapter's modules are tracked."""
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        if self.peft_init_kwargs:
+            from ..utils.kv import parse_kv
+
+            parse_kv(self.peft_init_kwargs, "--peft_init_kwargs")  # bad syntax: one sentence now
+
+
+@dataclass
 class BatchConfig:
     """How documents are packed into forward/backward passes."""
 
@@ -199,6 +224,8 @@ class BatchConfig:
     """Padded-token budget per pass (longest x documents <= budget); a longer document runs alone, whole, unless --truncation."""
     max_batch_size: int | None = None
     """Most documents in one pass (None = only the token budget limits it)."""
+    auto_batch_size: bool = False
+    """On a GPU, each worker replaces --token_batch_size by the largest budget whose heaviest batches fit in its memory (bergson's search); on CPU it keeps --token_batch_size."""
 
     def __post_init__(self) -> None:
         require(self.token_batch_size > 1, "--token_batch_size must be > 1")
@@ -279,9 +306,12 @@ class PreprocessConfig:
     """Combine all rows into one (mean or sum) instead of one row per document."""
     normalize_aggregated_grad: bool = False
     """Unit-normalize the aggregated row."""
+    apply_batch_size: int = 2
+    """bergson's inversion_cfg.apply_batch_size; build and score precondition each batch of rows as it is made, so (as in bergson) it changes nothing here."""
 
     def __post_init__(self) -> None:
         require(self.damping_factor >= 0, "--damping_factor must be >= 0")
+        require(self.apply_batch_size >= 1, "--apply_batch_size must be >= 1")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import GradientConfig
 from ..errors import BadInputError
+from .adapters import adapter_module_names
 from .moe import (
     ExpertProjection,
     expand_experts,
@@ -80,6 +81,13 @@ def find_target_modules(model: nn.Module, cfg: GradientConfig) -> dict[str, nn.M
     candidates = {
         name: mod for name, mod in base_model(model).named_modules() if name and is_supported(mod)
     }
+    adapters = adapter_module_names(model)  # a PEFT model: only the adapter's modules
+    if adapters is not None:
+        candidates = {n: m for n, m in candidates.items() if n in adapters}
+        if not candidates:
+            raise BadInputError(
+                "the PEFT adapter has no Linear modules to attribute to (LoRA-style adapters only)"
+            )
     if not candidates:
         raise BadInputError(
             f"{type(model).__name__} has no nn.Linear or Conv1D layers under its base model"

@@ -3,10 +3,14 @@
 Data path::
 
     row indices (Ray Data) ──► BatchWorker pool (reads rows, tokenizes, packs by
-    token budget, per-example gradients) ──► driver writes each row at its own index
+    token budget, per-example gradients, writes each row at its own index into the
+    store on the shared run path) ──► driver: index, loss, length only; flags rows written
 
-Rows land at their dataset index, so the store never depends on scheduling order;
-Ray Data re-runs the batches of a crashed worker, so each row is written once.
+Rows land at their dataset index, so the store never depends on scheduling order, and
+gradient bytes never pass through the driver (``driver_bytes_per_row`` in the summary:
+a few tens of bytes, whatever the row width). Ray Data re-runs the batches of a crashed
+worker; the rerun writes the same bytes, and a row is flagged written only once its
+batch has returned, after its bytes were synced.
 Everything goes to ``<run>.part`` and is renamed only when complete; ``--resume``
 reopens the ``.part`` and computes only the rows its ``written`` bitmap lacks.
 """
@@ -27,14 +31,12 @@ from .stages import (
     PROGRESS_DIR,
     Layout,
     Progress,
-    as_rows,
     configure_data_context,
     open_dataset,
     plan_layout,
     plan_rows,
     run_workers,
     runner_spec,
-    stack_ragged,
     stream,
     token_offsets,
     validate_build,
@@ -55,7 +57,7 @@ def build(
     ``bergson_ray.build(run_path="runs/idx", projection_dim=16, dataset="tiny")``
     """
 
-    from ..actors.batch_worker import Rows
+    from ..actors.batch_worker import StoredRows
     from ..store.config_yaml import check_resume_settings
     from ..store.files import check_room
     from ..store.gradient_writer import GradientStoreWriter
@@ -108,19 +110,16 @@ def build(
 
     monitor = StageMonitor("build", len(todo), n, run=run.final.name)
     if len(todo):
-        init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
+        monitor.ray_seconds = init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
         configure_data_context()
         probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
         pool = worker_pool(cfg.ray)
         spec = runner_spec(cfg, pool.device, advantages, rows_plan)
-        out_ds = run_workers(todo, spec, Rows(), cfg.ray, pool, probe=probe, faults=faults)
+        rows = StoredRows(str(part))  # the workers write the rows; the driver flags them
+        out_ds = run_workers(todo, spec, rows, cfg.ray, pool, probe=probe, faults=faults)
         for k, out in enumerate(stream(out_ds, len(todo), "build", monitor=monitor)):
             progress.update(out)  # first: a row marked written must have its loss/length
-            if cfg.grad.attribute_tokens:
-                rows = stack_ragged(out["grads"], layout.dim)
-                writer.write_items(out["idx"], as_rows(rows, layout.dtype), out["token_count"])
-            else:
-                writer.write_rows(out["idx"], as_rows(out["grads"], layout.dtype))
+            writer.mark_written(out["idx"])  # its bytes were synced before the batch returned
             if k % 32 == 31:
                 writer.flush()
                 progress.flush()

@@ -48,6 +48,7 @@ def quickstart(
     projection_dim: int = 16,
     num_workers: int = 0,
     overwrite: bool = True,
+    split: str = "train",
 ) -> list[list[Hit]]:
     from ..defaults.tiny import ensure_tiny_assets
     from .build import build
@@ -57,7 +58,7 @@ def quickstart(
     cfg = BuildConfig(
         run=RunConfig(run_path=str(Path(run_path) / "index"), overwrite=overwrite),
         model=ModelConfig(model=TINY),
-        data=DataConfig(dataset=TINY, truncation=True),
+        data=DataConfig(dataset=TINY, split=split, truncation=True),
         grad=GradientConfig(projection_dim=projection_dim),
     )
     cfg.ray.num_workers = num_workers

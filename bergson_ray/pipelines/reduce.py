@@ -73,7 +73,8 @@ def reduce(
     n = len(ds) if rows_plan is None else len(rows_plan)
     progress = Progress(part, n)
 
-    init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
+    monitor = StageMonitor("reduce", n, n, run=run.final.name)
+    monitor.ray_seconds = init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
     configure_data_context()
     probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
     pool = worker_pool(cfg.ray)
@@ -81,7 +82,6 @@ def reduce(
     spec = runner_spec(cfg, pool.device, advantages, rows_plan)
     sums = PartialSums(reducer)
     out_ds = run_workers(np.arange(n), spec, sums, cfg.ray, pool, probe=probe, faults=faults)
-    monitor = StageMonitor("reduce", n, n, run=run.final.name)
     for out in stream(out_ds, n, "reduce", monitor=monitor):
         progress.update(out)
     total, counted, dups = ray.get(reducer.result.remote())

@@ -236,7 +236,7 @@ def score(
 
     monitor = StageMonitor("score", len(todo), n_rows, run=run.final.name)  # sees dataset rows
     if len(todo):
-        init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
+        monitor.ray_seconds = init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
         configure_data_context()
         probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
         pool = worker_pool(cfg.ray)

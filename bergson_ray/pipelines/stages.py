@@ -18,8 +18,8 @@ Running:
   user-facing error that caused them.
 
 Writing (driver): :class:`Progress` (per-document loss and length, survives
-``--resume``), :func:`as_rows` / :func:`stack_ragged` (worker output -> store rows),
-:func:`write_data_hf`.
+``--resume``) and :func:`write_data_hf`; gradient rows are written by the workers
+(``store/row_sink.py``).
 """
 
 from __future__ import annotations
@@ -73,9 +73,12 @@ def meta_model(model_cfg: ModelConfig, hf_cfg=None):
     """The model skeleton on the meta device: module names and shapes, no weights."""
     from transformers import AutoModelForCausalLM
 
+    from ..runners.model_loading import with_adapter
+
     hf_cfg = hf_cfg if hf_cfg is not None else model_config(model_cfg)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_cfg)
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    return with_adapter(model, model_cfg, meta=True)  # PEFT: the adapter's modules
 
 
 def plan_layout(model_cfg: ModelConfig, grad_cfg: GradientConfig) -> Layout:
@@ -156,14 +159,18 @@ def worker_pool(ray_cfg: RayConfig) -> PoolPlan:
 
 
 def index_dataset(indices: np.ndarray, window: int):
-    """A Ray dataset of row indices (column ``idx``), cut into ~one window per block."""
+    """A Ray dataset of row indices (column ``idx``), one block per ~window.
+
+    Built from in-memory Arrow tables, so the pipeline is just input -> worker pool: no
+    read, repartition or rename tasks (each would start a Ray worker process, costing
+    seconds and hundreds of MiB on a small machine).
+    """
+    import pyarrow as pa
     import ray
 
-    n = len(indices)
-    blocks = max(1, min(4096, math.ceil(n / max(1, window))))
-    return ray.data.from_numpy(np.asarray(indices, dtype=np.int64)).repartition(blocks).map_batches(
-        _rename_idx, batch_format="numpy", batch_size=None
-    )
+    idx = np.asarray(indices, dtype=np.int64)
+    blocks = max(1, min(4096, math.ceil(len(idx) / max(1, window))))
+    return ray.data.from_arrow([pa.table({"idx": part}) for part in np.array_split(idx, blocks)])
 
 
 def run_workers(
@@ -180,10 +187,6 @@ def run_workers(
 
     ds = index_dataset(indices, ray_cfg.window_size)
     return map_workers(ds, spec, output, ray_cfg, pool, probe=probe, faults=faults)
-
-
-def _rename_idx(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"idx": batch["data"]}
 
 
 def configure_data_context() -> None:
@@ -362,19 +365,6 @@ class Progress:
     def flush(self) -> None:
         self.loss.flush()
         self.length.flush()
-
-
-def as_rows(arr: np.ndarray, dtype: torch.dtype) -> np.ndarray | torch.Tensor:
-    """Worker rows -> what the store writer takes (bf16 arrives as uint16 bit patterns)."""
-    if dtype == torch.bfloat16 and arr.dtype == np.uint16:
-        # Ray Data hands out read-only views; torch needs memory it may own
-        return torch.from_numpy(np.array(arr, copy=True).view(np.int16)).view(torch.bfloat16)
-    return arr
-
-
-def stack_ragged(col: np.ndarray, dim: int) -> np.ndarray:
-    parts = [np.asarray(x).reshape(-1, dim) for x in col]
-    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
 def write_data_hf(

@@ -117,6 +117,10 @@ class GradientRunner:
         self.max_length = limit
         pre = RowPreprocessor(spec.preprocess, self.engine.grad_sizes, spec.device)
         self.postprocess: Callable[[torch.Tensor], torch.Tensor] | None = pre if pre.active else None
+        if spec.batch.auto_batch_size:  # --auto_batch_size: this worker's largest budget
+            from .auto_batch import tune_token_batch_size
+
+            tune_token_batch_size(self)
 
     # -- pieces ------------------------------------------------------------------
     def tokenize(self, idx: np.ndarray) -> list:

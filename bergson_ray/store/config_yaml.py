@@ -79,6 +79,7 @@ def bergson_index_cfg(cfg: Any) -> dict[str, Any]:
         "revision": m.revision,
         "fsdp": bool(cfg.ray.fsdp),
         "model_kwargs": m.model_kwargs,
+        "peft_init_kwargs": getattr(m, "peft_init_kwargs", ""),
         "data": {
             "dataset": _resolved(d.dataset, resolve_dataset),
             "split": d.split,
@@ -100,13 +101,14 @@ def bergson_index_cfg(cfg: Any) -> dict[str, Any]:
         "drop_columns": bool(cfg.drop_columns),
         "projection_dim": g.projection_dim,
         "include_bias": g.include_bias,
-        "reshape_to_square": False,
+        "reshape_to_square": bool(getattr(g, "reshape_to_square", False)),
         "projection_type": g.projection_type,
         "projection_scale": g.projection_scale,
         "projection_target": g.projection_target,
         "projection_seed": g.projection_seed,
         "token_batch_size": cfg.batch.token_batch_size,
         "max_batch_size": cfg.batch.max_batch_size,
+        "auto_batch_size": bool(getattr(cfg.batch, "auto_batch_size", False)),
         "optimizer_state": g.optimizer_state,
         "loss_fn": g.loss_fn,
         "loss_reduction": g.loss_reduction,
@@ -125,7 +127,11 @@ def bergson_preprocess_cfg(pre: Any) -> dict[str, Any]:
         "unit_normalize": pre.unit_normalize,
         "hessian_path": pre.hessian_path,
         "ev_correction": pre.ev_correction,
-        "inversion_cfg": {"inversion": pre.inversion, "damping_factor": pre.damping_factor},
+        "inversion_cfg": {
+            "inversion": pre.inversion,
+            "damping_factor": pre.damping_factor,
+            "apply_batch_size": getattr(pre, "apply_batch_size", 2),
+        },
         "aggregation": pre.aggregation,
         "normalize_aggregated_grad": pre.normalize_aggregated_grad,
     }
@@ -153,7 +159,7 @@ def _from_bergson_step(body: dict[str, Any], run_path: Path) -> dict[str, Any] |
     bergson's ``config.yaml`` does not say which projection generator made the rows;
     its ``processor_config.yaml`` does (no key = version 1).
     """
-    from ..config.sections import AttentionConfig, DataConfig, GradientConfig, ModelConfig
+    from ..config.sections import AttentionConfig, DataConfig, GradientConfig, IndexModelConfig
     from ..store.processor import ProcessorConfig
 
     idx = body.get("index_cfg")
@@ -169,16 +175,18 @@ def _from_bergson_step(body: dict[str, Any], run_path: Path) -> dict[str, Any] |
         grad["projection_version"] = proc.projection_version
     out: dict[str, Any] = {
         "run": {"run_path": str(idx.get("run_path", run_path))},
-        "model": _known(ModelConfig, idx),
+        "model": _known(IndexModelConfig, idx),
         "data": {
             **_known(DataConfig, idx.get("data") or {}),
             **({"max_tokens": idx["max_tokens"]} if idx.get("max_tokens") is not None else {}),
         },
         "grad": grad,
-        "batch": {k: idx[k] for k in ("token_batch_size", "max_batch_size") if k in idx},
+        "batch": {
+            k: idx[k] for k in ("token_batch_size", "max_batch_size", "auto_batch_size") if k in idx
+        },
         "preprocess": {
             **{k: pre[k] for k in _PREPROCESS_KEYS if k in pre},
-            **{k: inv[k] for k in ("inversion", "damping_factor") if k in inv},
+            **{k: inv[k] for k in ("inversion", "damping_factor", "apply_batch_size") if k in inv},
         },
     }
     if "drop_columns" in idx:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bergson_ray.errors import BadInputError, StoreError
-from bergson_ray.store.elements import element_type, to_storage
+from bergson_ray.store.elements import element_type
 from bergson_ray.store.files import (
     INFO_JSON,
     OFFSETS_NPY,
@@ -34,6 +34,7 @@ from bergson_ray.store.files import (
     write_json_atomic,
 )
 from bergson_ray.store.gradient_info import GRADIENTS_BIN, WRITTEN_BIN, StoreInfo, read_layout
+from bergson_ray.store.row_sink import RowSink
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,7 @@ class GradientStoreWriter:
         self.info = info
         self.element = info.element
         self.offsets = offsets
-        self._grads = open_memmap(
-            path / GRADIENTS_BIN, self.element.storage, (info.num_grads, info.total_dim), "r+"
-        )
+        self._rows = RowSink(path, info, offsets)
         self._written = open_memmap(
             path / WRITTEN_BIN, np.dtype(np.uint8), (info.num_items,), "r+"
         )
@@ -149,27 +148,12 @@ class GradientStoreWriter:
     def _item_index(self, item_idx: np.ndarray | Sequence[int] | torch.Tensor) -> np.ndarray:
         return check_indices(item_idx, self.num_items, "item", self.path)
 
-    def _rows_array(self, rows: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
-        arr = to_storage(rows, self.element)
-        expected = (n, self.info.total_dim)
-        if arr.shape != expected:
-            raise BadInputError(
-                f"rows have shape {list(arr.shape)}, expected {list(expected)} "
-                f"(rows x sum(grad_sizes)) for store {self.path}"
-            )
-        return arr
-
     def write_rows(
         self, item_idx: np.ndarray | Sequence[int], rows: np.ndarray | torch.Tensor
     ) -> None:
         """Write ``rows[j]`` as item ``item_idx[j]``'s row and mark it written."""
-        if self.attribute_tokens:
-            raise BadInputError(f"{self.path} is a per-token store: use write_items")
-        idx = self._item_index(item_idx)
-        arr = self._rows_array(rows, len(idx))
-        if idx.size:
-            self._grads[idx] = arr
-            self._written[idx] = 1
+        self._rows.write_rows(item_idx, rows)
+        self.mark_written(item_idx)
 
     def write_items(
         self,
@@ -179,31 +163,12 @@ class GradientStoreWriter:
     ) -> None:
         """Per-token stores: item ``item_idx[j]``'s ``counts[j]`` consecutive rows of
         ``token_rows`` go to ``offsets[i]:offsets[i+1]``; counts must match the offsets."""
-        if not self.attribute_tokens or self.offsets is None:
-            raise BadInputError(f"{self.path} is a per-item store: use write_rows")
-        idx = self._item_index(item_idx)
-        counts = np.asarray(counts, dtype=np.int64)
-        if counts.shape != idx.shape:
-            raise BadInputError(f"{len(idx)} items but {counts.size} counts")
-        expected = self.offsets[idx + 1] - self.offsets[idx]
-        bad = np.flatnonzero(counts != expected)
-        if bad.size:
-            j = int(bad[0])
-            raise BadInputError(
-                f"item {int(idx[j])} has {int(counts[j])} token rows but the store's offsets "
-                f"reserve {int(expected[j])} ({bad.size} mismatching items in this batch)"
-            )
-        total = int(counts.sum())
-        arr = self._rows_array(token_rows, total)
-        if total:
-            first_row_of_item = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            dest = np.repeat(self.offsets[idx] - first_row_of_item, counts) + np.arange(total)
-            self._grads[dest] = arr
-        if idx.size:
-            self._written[idx] = 1
+        self._rows.write_items(item_idx, token_rows, counts)
+        self.mark_written(item_idx)
 
     def mark_written(self, item_idx: np.ndarray | Sequence[int]) -> None:
-        """Mark items done without writing rows (documents that keep their zero rows)."""
+        """Mark items done: their rows are on disk (written here or by a worker's
+        :class:`~bergson_ray.store.row_sink.RowSink`), or they keep their zero rows."""
         idx = self._item_index(item_idx)
         if idx.size:
             self._written[idx] = 1
@@ -216,14 +181,16 @@ class GradientStoreWriter:
         return not np.any(self._written == 0)
 
     def flush(self) -> None:
-        """Push data, then flags, to the file system (flags last: a flag never precedes its row)."""
-        for arr in (self._grads, self._written):
-            if isinstance(arr, np.memmap):
-                arr.flush()
+        """Push rows, then flags, to the file system (flags last: a flag never precedes
+        its row)."""
+        self._rows.sync()
+        if isinstance(self._written, np.memmap):
+            self._written.flush()
 
     def close(self) -> None:
         self.flush()
-        self._grads = self._written = None  # type: ignore[assignment]
+        self._rows.close()
+        self._written = None  # type: ignore[assignment]
 
     def __enter__(self) -> GradientStoreWriter:
         return self

@@ -23,10 +23,16 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+QUANTIZED: dict[str, torch.dtype] = {"int4": torch.bfloat16, "int8": torch.bfloat16}
+"""``--precision int4|int8`` (bitsandbytes): the dtype of what is not quantized
+(embeddings, norms, activations, hence gradient rows). Not in :data:`DTYPES`, so no dtype
+is ever *named* int8, and only ``--precision`` (``what="precision"``) accepts them."""
+
+
 def torch_dtype(name: str, what: str = "dtype") -> torch.dtype:
     """``'fp32'`` -> ``torch.float32``; an unknown name is a :class:`BadInputError`."""
     try:
-        return DTYPES[name]
+        return QUANTIZED[name] if what == "precision" and name in QUANTIZED else DTYPES[name]
     except KeyError:
         raise BadInputError(
             f"unknown {what} {name!r}; use one of fp32, fp64, bf16, fp16"

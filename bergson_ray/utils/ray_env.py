@@ -42,12 +42,19 @@ def set_loopback_env(**extra: str) -> None:
         os.environ.setdefault(key, val)
 
 
-def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kwargs) -> None:
-    """Idempotent ``ray.init``: reuse a running connection, else connect or start one."""
+def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kwargs) -> float:
+    """Idempotent ``ray.init``: reuse a running connection, else connect or start one.
+
+    Returns the seconds it took (0 when already connected), for the start-up breakdown
+    in ``summary.json``.
+    """
+    import time
+
     import ray
 
     if ray.is_initialized():
-        return
+        return 0.0
+    t0 = time.perf_counter()
     if not os.environ.get("RAY_ADDRESS", "x").strip():
         os.environ.pop("RAY_ADDRESS")  # set but empty means unset (Ray itself would choke on it)
     address = address or os.environ.get("RAY_ADDRESS")
@@ -68,6 +75,7 @@ def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kw
         from .ray_reaper import watch
 
         watch()  # a SIGKILLed driver must not leave the Ray it started running
+    return time.perf_counter() - t0
 
 
 def stale_local_head() -> str | None:
