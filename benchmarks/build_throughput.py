@@ -1,7 +1,7 @@
 """Throughput and peak memory of ``build`` (p=16) on 1000 x 256-token documents.
 
 Runs ``bergson-ray build`` with 1 and 2 workers and, when the anchor venv exists
-(``../shared/tools/anchor/run_anchor.sh install``), ``bergson build`` on the same
+(``bash scripts/bergson_anchor.sh``), ``bergson build`` on the same
 model and data; runs alternate so a busy machine affects both. Prints tokens/s
 end to end (process start to exit) and in the gradient loop alone (the tqdm bar:
 excludes imports, Ray start-up and model loading), peak RSS of the whole process
@@ -113,7 +113,7 @@ def main() -> None:
             loop = (b["loop"] / r["loop"]) if (b.get("loop") and r.get("loop")) else float("nan")
             print(f"ratio {name} / bergson: end-to-end {e2e:.2f}x, gradient loop {loop:.2f}x")
     else:
-        print("bergson not installed (bash ../shared/tools/anchor/run_anchor.sh install): no ratio")
+        print("bergson not installed (bash scripts/bergson_anchor.sh): no ratio")
     shutil.rmtree(root / "bergson_out", ignore_errors=True)
 
 

@@ -2,7 +2,7 @@
 
 Runs ``bergson-ray hessian --method kfac [--ev_correction]`` on the tiny default
 model and corpus with K HessianShard actors, and, when the anchor venv exists
-(``../shared/tools/anchor/run_anchor.sh install``), ``bergson hessian --method
+(``bash scripts/bergson_anchor.sh``), ``bergson hessian --method
 kfac [--ev_correction true]`` on the same model and documents. Runs alternate
 so a busy machine affects both programs alike.
 

@@ -13,7 +13,7 @@ bergson runs in its own venv (``~/.cache/bergson-anchor/anchor-venv``), driven t
 subprocesses; its CLI outputs are cached under ``~/.cache/bergson-anchor/interop-runs``
 (outside the repo) so only the first run pays for them (about two minutes on 2 cores).
 Skipped when the anchor venv or its tiny assets are absent: create them with
-``bash /work/shared/tools/anchor/run_anchor.sh install assets``.
+``bash scripts/bergson_anchor.sh``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ pytestmark = pytest.mark.skipif(
     not (PY.exists() and BERGSON.exists() and (MODEL / "model.safetensors").exists()),
     reason=(
         f"bergson anchor venv/assets not found under {ROOT}; run "
-        "`bash /work/shared/tools/anchor/run_anchor.sh install assets` to enable these tests"
+        "`bash scripts/bergson_anchor.sh` to enable these tests"
     ),
 )
 

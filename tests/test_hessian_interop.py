@@ -8,7 +8,7 @@
   3-file dir and agrees with ours.
 
 bergson's run is cached under ``~/.cache/bergson-anchor/interop-runs``. Skipped
-without the anchor (``bash /work/shared/tools/anchor/run_anchor.sh install assets``).
+without the anchor (``bash scripts/bergson_anchor.sh``).
 """
 
 from __future__ import annotations

@@ -405,7 +405,7 @@ needs_anchor = pytest.mark.skipif(
     not (PY.exists() and BERGSON.exists()),
     reason=(
         f"bergson 2.5.1 anchor venv not found under {ROOT}; run "
-        "`bash /work/shared/tools/anchor/run_anchor.sh install` to compare with bergson"
+        "`bash scripts/bergson_anchor.sh` to compare with bergson"
     ),
 )
 

@@ -4,7 +4,7 @@ bergson runs in its own venv (``~/.cache/bergson-anchor/anchor-venv``) through
 subprocesses; its runs are cached under ``~/.cache/bergson-anchor/interop-runs``
 (``train_*``), so only the first session pays for them. Skipped, with the reason, when
 the anchor venv or its tiny model is absent (``bash
-/work/shared/tools/anchor/run_anchor.sh install assets`` creates them).
+scripts/bergson_anchor.sh`` creates them).
 
 What is compared: final parameters (fp32 tolerance) for AdamW, SGD and Muon runs that
 exercise padding of the last batch, two shuffled epochs, warmup + cosine, gradient
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(
     not (PY.exists() and BERGSON.exists() and (MODEL / "model.safetensors").exists()),
     reason=(
         f"bergson anchor venv/tiny model not found under {ROOT}; run "
-        "`bash /work/shared/tools/anchor/run_anchor.sh install assets` to compare with bergson"
+        "`bash scripts/bergson_anchor.sh` to compare with bergson"
     ),
 )
 
