@@ -17,7 +17,21 @@ MIN_TOKENS, MAX_TOKENS = 12, 48
 TOKEN_BATCH = 512
 """Gradient passes' token budget (bergson refuses more than the tiny model's 512)."""
 PROJECTION_DIM = 16
-"""Per-module projection of the gradient dot/cosine methods (EK-FAC uses full gradients)."""
+"""Per-module projection of the gradient dot/cosine methods and TrackStar (bergson's
+default there; EK-FAC, LiSSA and SOURCE use full gradients)."""
+TRAK_PROJECTION_DIM = 64
+"""TRAK's one global projection (bergson's default, 16, keeps 16 numbers of the whole
+gradient): below the quick recipe's 96 documents, so the Gram stays invertible."""
+LISSA = {"depth": 60, "repeats": 2, "batch_size": 8, "scale": 20.0, "damping": 0.01}
+"""LiSSA's series (the same flags for both programs). ``scale`` must exceed half the
+damped Gauss-Newton Hessian's largest eigenvalue; our estimate of that eigenvalue on the
+fine-tuned demo model (``lissa.json``: ``top_eigenvalue_estimate``) is 12.3 for the full
+recipe and 14.7 for ``--quick``, so 20 converges with room for batch noise. depth x
+repeats x queries Hessian-vector products of ``batch_size`` documents (960 for the full
+recipe) keep it to a few minutes."""
+SOURCE_SEGMENTS = 2
+"""SOURCE segments; the fine-tune saves ``SOURCE_CHECKPOINTS`` states after step 0."""
+SOURCE_CHECKPOINTS = 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,13 @@ class Recipe:
                 "--lr_end", str(self.lr / 10), "--warmup_steps", str(self.warmup),
                 "--save_mode", "sqrt", "--save_optimizer_state", "none",
                 "--wandb_project", ""]  # fmt: skip
+
+
+def source_save_interval(recipe: Recipe, docs: int) -> int:
+    """Steps between the fine-tune's saved states, so that about ``SOURCE_CHECKPOINTS``
+    states follow step 0 (SOURCE's trajectory)."""
+    steps = -(-docs // recipe.batch_size) * recipe.epochs
+    return max(1, steps // SOURCE_CHECKPOINTS)
 
 
 def prepare_data(root: Path, recipe: Recipe) -> tuple[Path, Path, dict]:

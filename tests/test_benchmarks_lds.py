@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -62,3 +65,31 @@ def test_table_renders_errors_and_numbers(tmp_path):
     assert "| gradient dot | 0.500 | - | 3.0 | - |" in text
     assert "boom" in text
     assert "2 vs 1 worker: 1.90x" in text
+
+
+def test_every_method_has_a_row_and_skips_say_which_flag(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), skip_lissa=True, methods=list(lds.KEYS.values()))
+    b = lds.Bench(args, _lds_recipe.Recipe())
+    assert not b.wanted("LiSSA") and b.wanted("TRAK") and b.wanted("SOURCE")
+    b.figures.update(data={"train_docs": 8, "query_docs": 2}, lds={"bergson_ray": {
+        "LiSSA": lds.skipped("LiSSA"), "SOURCE": {"lds": 0.25}}})  # fmt: skip
+    text = lds.table(b)
+    assert all(f"| {name} |" in text for name in lds.METHODS)
+    assert "| LiSSA | skipped (--skip-lissa) |" in text and "| SOURCE | 0.250 |" in text
+
+
+def test_source_states_and_bergsons_lr_lists(tmp_path):
+    """SOURCE's trajectory: the states after step 0, trimmed to whole segments from the
+    front; bergson's --lr_list x --step_size_list sums each segment's learning rates."""
+    run = tmp_path / "train"
+    for step in (0, 2, 4, 6):
+        (run / "checkpoints" / f"step_{step}.ckpt").mkdir(parents=True)
+    history = [{"step": s, "learning_rate": 0.1 * s} for s in range(1, 7)]
+    (run / "checkpoints" / "log_history.json").write_text(json.dumps(history))
+    b = lds.Bench(argparse.Namespace(out=str(tmp_path)), _lds_recipe.Recipe())
+    b.train_run = run
+    states = b.source_states()
+    assert [p.name for p in states] == ["step_4.ckpt", "step_6.ckpt"]  # 3 -> 2 for 2 segments
+    lrs, counts = b.source_lr_lists(states)
+    assert counts == [4, 2]  # segment 0 covers steps 1-4, segment 1 steps 5-6
+    assert [lr * k for lr, k in zip(lrs, counts)] == pytest.approx([1.0, 1.1])

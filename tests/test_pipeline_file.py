@@ -312,3 +312,114 @@ def test_resume_skips_complete_steps_and_runs_the_rest(tmp_path, monkeypatch):
     resolved = yaml.safe_load((tmp_path / "pipe" / "config.yaml").read_text())
     assert [list(s) for s in resolved["steps"]] == [["build"], ["build"]]
     assert resolved["steps"][1]["build"]["run"]["run_path"] == str(tmp_path / "b")
+
+
+# bergson 2.5.1's lissa and approxunrolling steps, with the keys that carry over only by
+# translation: index_cfg.drop_columns, lissa_cfg.batch_size beside score_cfg.batch_size,
+# the query set's path (an existing query index) and aggregation
+LISSA_AND_UNROLLING = """
+steps:
+  - lissa:
+      index_cfg:
+        run_path: {root}/lissa
+        model: tiny
+        drop_columns: true
+        profile: false
+        data: {{dataset: tiny, split: "train[:16]", truncation: true}}
+      score_cfg: {{batch_size: 1024, query_path: "", candidates: {{scores: "", top_k: 0}}}}
+      preprocess_cfg:
+        unit_normalize: false
+        hessian_path: null
+        inversion_cfg: {{damping_factor: 0.1, inversion: damped_inverse, apply_batch_size: 2}}
+      lissa_cfg:
+        batch_size: 4
+        micro_batch_size: 2
+        depth: 30
+        scale: 300.0
+        seed: 3
+        query: {{dataset: tiny, split: "train[:2]", path: {root}/q_lissa, aggregation: mean}}
+  - approxunrolling:
+      index_cfg:
+        run_path: {root}/source
+        model: tiny
+        drop_columns: false
+        data: {{dataset: tiny, split: "train[:16]"}}
+      hessian_cfg: {{method: kfac, ev_correction: true}}
+      approx_unrolling_cfg:
+        checkpoints: [{root}/ckpt_a, {root}/ckpt_b]
+        segments: 2
+        inversion_cfg: {{apply_batch_size: 3, damping_factor: 0.2}}
+        query: {{dataset: tiny, split: "train[:2]", path: {root}/q_source, aggregation: sum}}
+"""
+
+
+def test_bergson_lissa_and_approxunrolling_steps_plan_to_our_flags(tmp_path):
+    lissa, source = plan(read_document(_doc(tmp_path, LISSA_AND_UNROLLING)), COMMANDS)
+    c = lissa.config
+    assert lissa.command == "lissa"
+    # lissa_cfg.batch_size is LiSSA's batch; score_cfg.batch_size (1024) lands nowhere
+    assert (c.lissa.batch_size, c.lissa.micro_batch_size) == (4, 2)
+    assert (c.lissa.depth, c.lissa.scale, c.lissa.seed) == (30, 300.0, 3)
+    assert c.score.query_path == str(tmp_path / "q_lissa")  # query.path -> --query_path
+    assert c.query_aggregation == "mean" and c.query.split == "train[:2]"
+    assert c.data.split == "train[:16]" and c.data.truncation
+    s = source.config
+    assert source.command == "approxunrolling"
+    assert s.query_path == str(tmp_path / "q_source") and s.aggregation == "sum"
+    assert s.checkpoints == [str(tmp_path / "ckpt_a"), str(tmp_path / "ckpt_b")]
+    assert (s.segments, s.apply_batch_size, s.damping_factor) == (2, 3, 0.2)
+    # drop_columns stays a real flag where the command has one
+    (build,) = plan(read_document(_doc(tmp_path, """
+steps:
+  - build: {{index_cfg: {{run_path: {root}/b, drop_columns: true}}}}
+""")), COMMANDS)  # fmt: skip
+    assert build.config.drop_columns is True
+
+
+@pytest.mark.parametrize(
+    "body,match",
+    [  # options bergson would act on and these commands lack are refused, not dropped
+        ("lissa: {score_cfg: {candidates: {top_k: 5, scores: x}}}", "top_k=5"),
+        ("lissa: {preprocess_cfg: {hessian_path: h}}", "hessian_path='h'"),
+        ("ekfac: {hessian_pipeline_cfg: {query: {path: q}}}", "path='q'"),
+    ],
+)
+def test_untranslatable_bergson_keys_are_refused(tmp_path, body, match):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"steps:\n  - {body}\n")
+    with pytest.raises(BadInputError, match=match):
+        plan(read_document(path), COMMANDS)
+
+
+ANCHOR_PY = Path.home() / ".cache" / "bergson-anchor" / "anchor-venv" / "bin" / "python"
+
+DUMP = """
+import yaml
+from bergson.cli.commands import ApproxUnrolling, Lissa
+from bergson.config.config import (ApproxUnrollingConfig, DataConfig, HessianConfig,
+    IndexConfig, LissaConfig, PreprocessConfig, QuerySetConfig, ScoreConfig)
+idx = IndexConfig(run_path="R", model="tiny", data=DataConfig(dataset="tiny"))
+q = QuerySetConfig(dataset="tiny", split="train[:2]", path="Q", aggregation="mean")
+print(yaml.safe_dump({"steps": [
+    {"lissa": Lissa(idx, ScoreConfig(), PreprocessConfig(),
+                    LissaConfig(query=q, batch_size=8)).to_dict()},
+    {"approxunrolling": ApproxUnrolling(idx, HessianConfig(method="kfac", ev_correction=True),
+        ApproxUnrollingConfig(checkpoints=["a", "b"], segments=2, query=q)).to_dict()},
+]}))
+"""
+
+
+@pytest.mark.skipif(not ANCHOR_PY.exists(), reason="bergson anchor venv not installed")
+def test_bergsons_own_lissa_and_approxunrolling_configs_plan(tmp_path):
+    """bergson writes every field of its configs (config.yaml of its runs): all of its
+    lissa and approxunrolling fields translate."""
+    import subprocess
+
+    out = subprocess.run([str(ANCHOR_PY), "-c", DUMP], capture_output=True, text=True,
+                         check=True, env={"PYTHONWARNINGS": "ignore"}).stdout  # fmt: skip
+    path = tmp_path / "bergson.yaml"
+    path.write_text(out)
+    lissa, source = plan(read_document(path), COMMANDS)
+    assert lissa.config.lissa.batch_size == 8 and lissa.config.score.query_path == "Q"
+    assert lissa.config.query_aggregation == "mean"
+    assert source.config.query_path == "Q" and source.config.aggregation == "mean"

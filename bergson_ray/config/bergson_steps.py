@@ -50,11 +50,39 @@ LAUNCHER_KEYS = frozenset(
 )
 """bergson options for its own process launcher and logging; Ray replaces them."""
 
-_RENAMES: dict[tuple[str, str], str] = {
-    ("score_cfg", "precision"): "score_precision",
-    ("query", "aggregation"): "query_aggregation",
+_RENAMES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("score_cfg", "precision"): ("score_precision",),
+    ("query", "aggregation"): ("query_aggregation", "aggregation"),
+    ("query", "path"): ("query_path",),
+    ("approx_unrolling_cfg", "query_aggregation"): ("aggregation",),
+    ("score_cfg", "batch_size"): (),
 }
-"""(bergson section, key) -> our flag name, where the two differ."""
+"""(bergson section, key) -> our flag names where the two differ, the first the command
+has wins: the query set's aggregation is ``query_aggregation`` in ``ekfac``/``lissa`` and
+``aggregation`` in ``trackstar``/``trak``/``approxunrolling``; bergson's ``query.path``
+(an existing query index) is our ``query_path``; ``approx_unrolling_cfg.query_aggregation``
+is bergson's older spelling of its ``query.aggregation``. An empty tuple: no flag of ours
+(``score_cfg.batch_size``, scoring's rows per product, must not become ``lissa``'s
+``batch_size``); such a key is judged by ``BERGSON_DEFAULTS`` alone."""
+
+_QUERY_LEVEL = frozenset({"query_aggregation", "aggregation", "query_path"})
+"""Renamed query keys that are flags of the command, not of its ``query.`` dataset."""
+
+_SECTION_FLAGS: dict[str, str] = {"lissa_cfg": "lissa"}
+"""bergson sections whose keys are the fields of one section of ours. Their keys are put
+there by name, not looked up flat: ``lissa_cfg.batch_size`` (documents per
+Hessian-vector product) is our ``lissa.batch_size``, while ``score_cfg.batch_size`` of
+the same step is another option (see ``BERGSON_DEFAULTS``)."""
+
+_BERGSON_ONLY_SECTIONS = frozenset({"candidates"})
+"""bergson sub-sections whose keys are never flags of a command that lacks our section of
+that name (``score_cfg.candidates.top_k`` is not ``trak``'s ``top_k``): each key is
+judged by ``BERGSON_DEFAULTS`` alone."""
+
+_SET_BY_QUERY_STEP = frozenset({("score_cfg", "query_path")})
+"""(section, key) that bergson's pipelines with a query set (``lissa``, ``trak``,
+``trackstar``, ``ekfac``) overwrite with their own query step's output before use, so a
+value in the step changes nothing; an existing query index is their ``query.path``."""
 
 IGNORED = object()
 
@@ -77,6 +105,19 @@ BERGSON_DEFAULTS: dict[str, Any] = {
     "astra": IGNORED,
     "batch_size@score_cfg": IGNORED,
     "grad_checkpointing": False,
+    "drop_columns": IGNORED,
+    "profile": IGNORED,
+    "ev_correction": False,
+    "hessian_path": "",
+    "apply_batch_size@inversion_cfg": IGNORED,
+    "damping_factor@inversion_cfg": IGNORED,
+    "inversion@inversion_cfg": IGNORED,
+    "scores@candidates": "",
+    "top_k@candidates": 0,
+    "fraction@candidates": 0.0,
+    "direction@candidates": "proponents",
+    "higher_is_better@candidates": None,
+    "token_influence": "gradient",
 }
 """bergson options a command of ours lacks: accepted at bergson's default (``IGNORED``:
 any value, it does not change results here), an error naming them otherwise.
@@ -88,7 +129,17 @@ the data options onto their real flags. The entries stay for the commands that l
 (``train``, ``magic``, ``validate``, ``ekfac``'s model section, ...): bergson writes every
 field of its configs, so its YAML for those commands carries them at their defaults.
 ``reshape_to_square`` changes nothing in bergson 2.5.1 (its collector never reshapes), so
-any value is accepted where we lack it."""
+any value is accepted where we lack it. ``drop_columns`` only decides whether the
+``data.hf`` written beside a store keeps the dataset's own columns; ``build`` and ``score``
+take it as their flag, the commands that lack it (``lissa``, ``approxunrolling``,
+``trak``, ``trackstar``, ``ekfac``) always keep those columns beside the length and loss
+ones bergson writes, so any value gives the same scores and a superset of bergson's
+``data.hf``. ``profile`` only turns on bergson's torch profiler. ``preprocess_cfg``'s
+``inversion_cfg`` inverts its ``hessian_path`` and nothing else, so where a command has
+neither (``lissa``) it is inert once ``hessian_path`` is unset. ``score_cfg.candidates``
+(rescore an earlier run's best rows) exists in ``score`` only; elsewhere it must stay off.
+A ``key@section`` entry applies to that bergson section only, where the command lacks a
+flag of that name."""
 
 _OWN_SECTIONS = frozenset({"run", "grad", "batch", "ray"})
 
@@ -171,7 +222,7 @@ def flatten_bergson(body: dict[str, Any], cls: type, where: str) -> dict[str, An
             raise BadInputError(f"{where}: {key!r} is given twice with different values")
         flat[key] = value
 
-    def walk(obj: dict[str, Any], section: str, prefix: str) -> None:
+    def walk(obj: dict[str, Any], section: str, prefix: str, flags: bool = True) -> None:
         for key, value in obj.items():
             if key in LAUNCHER_KEYS:
                 log.debug("%s: ignoring bergson launcher option %r", where, key)
@@ -186,17 +237,24 @@ def flatten_bergson(body: dict[str, Any], cls: type, where: str) -> dict[str, An
             if isinstance(value, dict) and _is_section(cls, f"{prefix}{key}"):
                 walk(value, key, f"{prefix}{key}.")  # one of our sections: keep its prefix
             elif isinstance(value, dict):
-                walk(value, key, prefix)  # a bergson sub-section: its keys are our flags
+                # a bergson sub-section: its keys are our flags, unless it is one we lack
+                walk(value, key, prefix, flags and key not in _BERGSON_ONLY_SECTIONS)
             else:
-                leaf(section, prefix, key, value)
+                leaf(section, prefix, key, value, flags)
 
-    def leaf(section: str, prefix: str, key: str, value: Any) -> None:
-        name = _RENAMES.get((section, key), key)
-        if name == "query_aggregation":
-            prefix = ""
-        if _known(cls, prefix, name):
-            put(f"{prefix}{name}", value)
+    def leaf(section: str, prefix: str, key: str, value: Any, flags: bool) -> None:
+        if has_query and (section, key) in _SET_BY_QUERY_STEP:
+            log.debug("%s: ignoring %s.%s (set by the query step)", where, section, key)
             return
+        own = _SECTION_FLAGS.get(section)
+        if flags and own and _known(cls, f"{own}.", key):
+            put(f"{own}.{key}", value)
+            return
+        for name in _RENAMES.get((section, key), (key,)) if flags else ():
+            at = "" if name in _QUERY_LEVEL and section == "query" else prefix
+            if _known(cls, at, name):
+                put(f"{at}{name}", value)
+                return
         special = f"{key}@{section}"
         default_key = special if special in BERGSON_DEFAULTS else key
         if default_key not in BERGSON_DEFAULTS:
