@@ -33,6 +33,7 @@ from bergson_ray.config import (
     BuildConfig,
     DataConfig,
     GradientConfig,
+    IndexModelConfig,
     ModelConfig,
     PreprocessConfig,
     RunConfig,
@@ -335,7 +336,7 @@ def test_score_refuses_query_stores_of_another_version_or_seed(tmp_path):
 def _build_cfg(run_path: Path) -> BuildConfig:
     return BuildConfig(
         run=RunConfig(run_path=str(run_path)),
-        model=ModelConfig(model="/models/m", precision="fp32"),
+        model=IndexModelConfig(model="/models/m", precision="fp32"),  # build's model section
         data=DataConfig(dataset="/data/d", split="train[:8]", truncation=True),
         grad=GradientConfig(projection_dim=16, projection_seed=3, include_bias=True),
         batch=BatchConfig(token_batch_size=512),
@@ -357,7 +358,8 @@ def test_config_yaml_has_bergson_sections_and_still_reads_back(tmp_path):
     body = doc["steps"][0]["build"]
     assert body["preprocess_cfg"] == {
         "unit_normalize": True, "hessian_path": None, "ev_correction": False,
-        "inversion_cfg": {"inversion": "pseudoinverse", "damping_factor": 0.25},
+        "inversion_cfg": {"inversion": "pseudoinverse", "damping_factor": 0.25,
+                          "apply_batch_size": 2},  # bergson's InversionConfig fields
         "aggregation": "mean", "normalize_aggregated_grad": False,
     }  # fmt: skip
     idx = body["index_cfg"]
