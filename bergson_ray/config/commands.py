@@ -56,6 +56,14 @@ def check_model_options(model: ModelConfig, grad: GradientConfig, batch: BatchCo
     )
 
 
+def index_model(model: ModelConfig) -> IndexModelConfig:
+    """A plain :class:`ModelConfig` (e.g. from the Python API) as the commands' model
+    section, so a config equals itself after a round trip through ``config.yaml``."""
+    if isinstance(model, IndexModelConfig):
+        return model
+    return IndexModelConfig(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
+
+
 def _gpu_workers_possible(ray: RayConfig) -> bool:
     import os
 
@@ -87,6 +95,7 @@ class BuildConfig:
             not (self.grad.attribute_tokens and self.preprocess.aggregation != "none"),
             "--attribute_tokens needs --aggregation none",
         )
+        self.model = index_model(self.model)
         check_model_options(self.model, self.grad, self.batch, self.ray)
 
 
@@ -179,6 +188,7 @@ class HessianRunConfig:
             "hessian keeps its sums in memory and cannot --resume; rerun it",
         )
         self.hessian.check_against(self.grad)
+        self.model = index_model(self.model)
         check_model_options(self.model, self.grad, self.batch, self.ray)
 
 
@@ -220,6 +230,7 @@ class EkfacRunConfig:
             self.query_batch_size is None or self.query_batch_size >= 1,
             "--query_batch_size must be >= 1",
         )
+        self.model = index_model(self.model)
         check_model_options(self.model, self.grad, self.batch, self.ray)
 
 
