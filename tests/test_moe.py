@@ -343,3 +343,159 @@ def test_bergson_builds_the_same_rows_with_moe_experts():
     sizes, ours = _in_process_rows(model_dir, str(PYDOC), "train[:6]", 6, 512)
     assert list(sizes) == list(theirs.grad_sizes)
     assert_same(ours, rows_of(run))
+
+
+# ------------------------------------------------ Hessian factors: routed-position counts
+
+
+def _dense_expert_factors(model, batch, mask) -> dict[str, tuple]:
+    """Expert projection -> ``(Σ a aᵀ, Σ g gᵀ, count)`` over the positions that are
+    collected and routed to that expert, by autograd through transformers' own fused
+    forward (empirical Fisher, summed over documents)."""
+    from bergson_ray.hessians.fisher import fisher_loss
+
+    seen: dict[int, tuple] = {}
+
+    def keep(i):
+        def hook(_mod, args, out):
+            out.retain_grad()
+            seen[i] = (args[0].detach(), args[1], args[2].detach(), out)
+
+        return hook
+
+    layers = model.model.layers
+    hooks = [layer.mlp.experts.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+    logits = model(batch.input_ids).logits
+    fisher_loss(logits, batch.labels, batch.lengths, use_dataset_labels=True).backward()
+    for h in hooks:
+        h.remove()
+    out = {}
+    for i, (x, index, weights, y) in seen.items():
+        experts = layers[i].mlp.experts
+        for e in range(experts.num_experts):
+            hit = index == e
+            routed = hit.any(-1) & mask.reshape(-1)
+            a = x[routed]
+            gu = (a @ experts.gate_up_proj[e].detach().T).requires_grad_(True)
+            gate, up = gu.chunk(2, dim=-1)
+            h = experts.act_fn(gate) * up
+            h.retain_grad()
+            g_out = y.grad[routed] * (weights * hit).sum(-1)[routed, None]  # d loss / d down(h)
+            (h @ experts.down_proj[e].detach().T * g_out).sum().backward()
+            key = f"layers.{i}.mlp.experts.expert_{e}"
+            n = int(routed.sum())
+            out[f"{key}.gate_up_proj"] = (a.T @ a, gu.grad.T @ gu.grad, n)
+            hd = h.detach()
+            out[f"{key}.down_proj"] = (hd.T @ hd, g_out.T @ g_out, n)
+    return out
+
+
+def _shard_results(model, batches, shards: int):
+    """Fit KFAC with one fitter (a "worker") per batch, merged into ``shards`` shard states."""
+    from bergson_ray.config import HessianConfig
+    from bergson_ray.hessians.fitter import FactorFitter
+    from bergson_ray.hessians.shard_state import ShardState
+
+    gcfg = GradientConfig(moe_experts=GLOB)
+    hcfg = HessianConfig(method="kfac", use_dataset_labels=True, hessian_dtype="fp64")
+    states = []
+    for b in batches:
+        fitter = FactorFitter(copy.deepcopy(model), gcfg, hcfg)
+        fitter.accumulate(b.input_ids, b.labels, b.lengths, torch.arange(len(b.lengths)))
+        states.append(fitter.state_dicts())
+    names = list(fitter.specs)
+    owners = [names[s::shards] for s in range(shards)]
+    out = []
+    for group in owners:
+        shard = ShardState({n: fitter.specs[n] for n in group}, hcfg)
+        for k, st in enumerate(states):
+            shard.merge(f"w{k}", {n: st[n] for n in group})
+        factors = {n: shard.acc[n].finalize() for n in group}
+        shard.finalize(num_documents=sum(len(b.lengths) for b in batches))
+        out.append((shard, factors))
+    return out
+
+
+def test_expert_factors_divide_by_the_positions_routed_to_the_expert():
+    """bergson 2.5.1's convention: an expert's ``A``/``S`` are means over its routed
+    positions; every other module's over all collected positions. Counted once per
+    position whether the documents come as one batch on one shard or two on two."""
+    from bergson_ray.gradients.losses import collection_mask
+
+    model = tiny_moe("mixtral").double()
+    docs = random_docs([9, 2, 6, 4])
+    batch = pad_batch(docs)
+    mask = collection_mask(batch.lengths, batch.input_ids.shape[1])
+    dense = _dense_expert_factors(copy.deepcopy(model), batch, mask)
+    total = int(mask.sum())
+    assert len(dense) == 16 and all(0 < n < total for *_, n in dense.values())
+
+    one = _shard_results(model, [batch], shards=1)
+    two = _shard_results(model, [pad_batch(docs[:2]), pad_batch(docs[2:])], shards=2)
+    for results in (one, two):
+        for shard, factors in results:
+            for name, f in factors.items():
+                assert shard.counts()[name] == total  # what the driver checks, all positions
+                if name not in dense:  # attention: all collected positions
+                    assert f.count == total, name
+                    continue
+                A, S, n = dense[name]
+                assert f.count == n, name
+                torch.testing.assert_close(f.A, A, rtol=1e-6, atol=1e-9)
+                torch.testing.assert_close(f.S, S, rtol=1e-6, atol=1e-12 * S.abs().max())
+                # the eigenvalue grid: (n / D) eig(S/n) eig(A/n)ᵀ
+                kf = shard.results[name]
+                lam_a = torch.linalg.eigvalsh(A / n)
+                lam_g = torch.linalg.eigvalsh(S / n)
+                want = torch.outer(lam_g, lam_a) * n / len(docs)
+                torch.testing.assert_close(kf.eigenvalues, want, rtol=1e-6, atol=1e-9 * want.max())
+    merged_one = {n: sh.results[n] for sh, fs in one for n in fs}
+    merged_two = {n: sh.results[n] for sh, fs in two for n in fs}
+    assert merged_one.keys() == merged_two.keys()
+    for name in merged_one:
+        for field in ("eigenvalues", "factor_eig_a", "factor_eig_g", "A", "S"):
+            torch.testing.assert_close(
+                getattr(merged_one[name], field), getattr(merged_two[name], field),
+                rtol=1e-9, atol=1e-12,
+            )  # fmt: skip
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(
+    not (BERGSON.exists() and PYDOC.exists()), reason=f"bergson anchor venv/data not under {ANCHOR}"
+)
+def test_bergson_fits_the_same_expert_factors(ray_session, tmp_path):
+    """bergson's ``hessian --moe_experts`` (KFAC + EK-FAC, dataset labels) and ours on the
+    same tiny Mixtral: same sums, and the same per-expert divisors in the eigenvalue grids.
+    Its run is cached next to the build run above."""
+    from helpers import rel
+
+    from bergson_ray.hessians.factored_io import read_factored
+    from bergson_ray.pipelines.hessian import hessian
+
+    root = ANCHOR / "interop-runs" / "moe_mixtral_v1"
+    model_dir, run = root / "model", root / "hessian_kfac_ev"
+    if not (model_dir / "model.safetensors").exists():
+        _save_moe(model_dir)
+    flags = ["--split", "train[:6]", "--truncation", "--token_batch_size", "512",
+             "--moe_experts", GLOB]  # fmt: skip
+    if not (run / "eigenvalue_correction_sharded").exists():
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}  # fmt: skip
+        cmd = [str(BERGSON), "hessian", str(run), "--method", "kfac", "--ev_correction", "true",
+               "--use_dataset_labels", "true", "--model", str(model_dir), "--dataset", str(PYDOC),
+               *flags, "--overwrite", "true"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = hessian(
+        run_path=str(tmp_path / "ours"), model=str(model_dir), dataset=str(PYDOC),
+        split="train[:6]", truncation=True, token_batch_size=512, moe_experts=GLOB,
+        method="kfac", ev_correction=True, use_dataset_labels=True, num_shards=2,
+    )  # fmt: skip
+    theirs, mine = read_factored(run, with_factors=True), read_factored(ours, with_factors=True)
+    assert list(mine) == list(theirs)
+    assert sum(".expert_" in m for m in mine) == 16
+    for m in mine:
+        for f in ("A", "S", "eigenvalues", "factor_eig_a", "factor_eig_g"):
+            assert rel(getattr(mine[m], f), getattr(theirs[m], f)) < 1e-4, (m, f)
+        assert rel(mine[m].correction, theirs[m].correction) < 1e-3, m

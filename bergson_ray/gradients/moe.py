@@ -87,6 +87,16 @@ class RowLayout:
         """Flat token index (``doc * S + pos``) of each real row."""
         return self.doc * self.seq_len + self.pos
 
+    def routed(self) -> torch.Tensor:
+        """``[N, S]`` bool: the positions the router sent to this expert.
+
+        Hessian statistics divide an expert's sums by these positions' count (bergson's
+        convention), which a zero test on the activations could not tell apart from a
+        routed token whose input happens to be zero."""
+        out = torch.zeros(self.num_docs, self.seq_len, dtype=torch.bool, device=self.pos.device)
+        out[self.doc, self.pos] = True
+        return out
+
     def to_sequence(self, y: torch.Tensor) -> torch.Tensor:
         """``y [N, W, D]`` -> ``[N, S, D]``, zero at positions this expert did not see."""
         out = y.new_zeros(self.num_docs, self.seq_len, y.shape[-1])

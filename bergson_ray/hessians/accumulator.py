@@ -24,6 +24,11 @@ import torch
 COUNT = "count"
 """State key of the number of positions (or rows, or documents) summed so far."""
 
+ROUTED = "routed"
+"""State key of a factor accumulator's divisor: the collected positions that reached the
+module. Equal to ``COUNT`` except for a fused MoE expert, which only sees the positions
+routed to it (bergson divides an expert's factor sums by those, too)."""
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for a batch's matmuls: fp64 stays fp64, everything else runs in fp32.
@@ -92,8 +97,9 @@ def with_ones(a: torch.Tensor) -> torch.Tensor:
 class Factors:
     """A module's final Kronecker factors, ready for the eigendecomposition.
 
-    ``A`` and ``S`` are *sums* over ``count`` positions; the eigendecomposition
-    divides by ``count`` (bergson's convention).
+    ``A`` and ``S`` are *sums* over ``count`` positions (those that reached the module:
+    for an MoE expert, the ones routed to it); the eigendecomposition divides by
+    ``count`` (bergson's convention).
     """
 
     A: torch.Tensor  # [I', I'] activation factor (I' = I + 1 with bias)
@@ -105,7 +111,9 @@ class FactorAccumulator(SummedState, ABC):
     """Kronecker-factor statistics of one ``Linear``-like module.
 
     ``update`` gets the module input ``a [N, S, I]``, the gradient of its output
-    ``g [N, S, O]`` and the collection mask ``[N, S]`` of one batch.
+    ``g [N, S, O]``, the collection mask ``[N, S]`` of one batch and, for an MoE
+    expert, the ``[N, S]`` positions routed to it. Subclasses implement
+    ``_accumulate`` on the positions that reached the module; the counts are kept here.
     """
 
     method: str = ""
@@ -130,6 +138,7 @@ class FactorAccumulator(SummedState, ABC):
             "A": torch.zeros(i, i, dtype=dtype, device=device),
             "S": torch.zeros(o, o, dtype=dtype, device=device),
             COUNT: torch.zeros((), dtype=torch.int64, device=device),
+            ROUTED: torch.zeros((), dtype=torch.int64, device=device),
         }
         state.update(extra or {})
         super().__init__(state)
@@ -151,10 +160,36 @@ class FactorAccumulator(SummedState, ABC):
     def _add(self, key: str, value: torch.Tensor) -> None:
         self._state[key].add_(value.to(self._state[key].dtype))
 
+    @property
+    def routed_count(self) -> int:
+        """Positions that reached the module: the divisor of its factor sums."""
+        return int(self._state[ROUTED])
+
+    def update(
+        self,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        mask: torch.Tensor | None,
+        routed: torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch's contribution.
+
+        ``COUNT`` grows by every collected position (the driver checks it against the
+        workers' totals), ``ROUTED`` only by those in ``routed`` too. An expert's ``a``
+        and ``g`` are zero elsewhere, so restricting to them leaves the sums unchanged.
+        """
+        total = a.reshape(-1, a.shape[-1]).shape[0] if mask is None else int(mask.sum())
+        self._state[COUNT].add_(total)
+        if routed is not None:
+            mask = routed if mask is None else mask & routed
+            total = int(mask.sum())
+        self._state[ROUTED].add_(total)
+        self._accumulate(a, g, mask)
+
     @abstractmethod
-    def update(self, a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Add one batch's contribution."""
+    def _accumulate(self, a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Add the sums of the positions in ``mask`` (all of them when ``None``)."""
 
     def finalize(self) -> Factors:
         """The factors to eigendecompose (after every merge). Default: the raw sums."""
-        return Factors(self._state["A"].clone(), self._state["S"].clone(), self.count)
+        return Factors(self._state["A"].clone(), self._state["S"].clone(), self.routed_count)

@@ -53,8 +53,18 @@ class EigenCorrectionAccumulator(SummedState):
             }
         )
 
-    def update(self, a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """``a [N, S, I]``, ``g [N, S, O]``, ``mask [N, S]`` of one batch."""
+    def update(
+        self,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        mask: torch.Tensor | None,
+        routed: torch.Tensor | None = None,
+    ) -> None:
+        """``a [N, S, I]``, ``g [N, S, O]``, ``mask [N, S]`` of one batch.
+
+        ``routed`` (an MoE expert's positions) changes nothing: the expert's ``a`` and
+        ``g`` are zero elsewhere, and the sums are divided by the documents, as bergson does.
+        """
         a = a.to(self.compute_dtype)
         g = g.to(self.compute_dtype)
         if self.bias:

@@ -23,6 +23,7 @@ from ..config import GradientConfig, HessianConfig
 from ..gradients.hooks import InputGradSwitch, ModuleTaps
 from ..gradients.losses import collection_mask
 from ..gradients.modules import find_target_modules, weight_shape
+from ..gradients.moe import RowLayout
 from ..utils.columns import column_offsets
 from ..utils.dtypes import torch_dtype
 from .accumulator import SummedState
@@ -45,20 +46,27 @@ def module_specs(model: nn.Module, grad_cfg: GradientConfig) -> dict[str, Module
 
 
 class _TapRouter:
-    """Tap consumer: keeps each module's input until its output gradient arrives."""
+    """Tap consumer: keeps each module's input until its output gradient arrives.
+
+    A fused MoE expert also hands over the router's assignment (``RowLayout.routed``),
+    read in the forward pass while its layout is set, so that its statistics count the
+    positions routed to it rather than all of them.
+    """
 
     def __init__(self, accumulators: Mapping[str, SummedState]):
         self.accumulators = accumulators
         self.mask: torch.Tensor | None = None
-        self._inputs: dict[str, torch.Tensor] = {}
+        self._inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def on_forward(self, name: str, module: nn.Module, a: torch.Tensor) -> None:
+        layout = getattr(module, "row_layout", None)
+        routed = layout.routed() if isinstance(layout, RowLayout) else None
         # A reference, not a copy: autograd keeps this tensor alive anyway.
-        self._inputs[name] = a
+        self._inputs[name] = (a, routed)
 
     def on_backward(self, name: str, module: nn.Module, g: torch.Tensor) -> None:
-        a = self._inputs.pop(name)
-        self.accumulators[name].update(a, g, self.mask)  # type: ignore[attr-defined]
+        a, routed = self._inputs.pop(name)
+        self.accumulators[name].update(a, g, self.mask, routed)  # type: ignore[attr-defined]
 
 
 class FactorFitter:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .accumulator import COUNT, FactorAccumulator
+from .accumulator import FactorAccumulator
 
 
 class KFACAccumulator(FactorAccumulator):
     method = "kfac"
 
-    def update(self, a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _accumulate(self, a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
         a, g = self._positions(a, g, mask)
         self._add("A", a.T @ a)
         self._add("S", g.T @ g)
-        self._state[COUNT].add_(a.shape[0])

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import torch
 
-from .accumulator import COUNT, FactorAccumulator, Factors
+from .accumulator import FactorAccumulator, Factors
 
 
 class ShampooAccumulator(FactorAccumulator):
     method = "shampoo"
 
-    def update(self, a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _accumulate(self, a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
         a, g = self._positions(a, g, mask)
         grad = g.T @ a  # [O, I']
         self._add("A", grad.T @ grad)
         self._add("S", grad @ grad.T)
-        self._state[COUNT].add_(a.shape[0])
 
     def finalize(self) -> Factors:
         A = self._state["A"]
         trace = A.diagonal().sum()
         A = A / trace if float(trace) > 0 else A.clone()
-        return Factors(A, self._state["S"].clone(), self.count)
+        return Factors(A, self._state["S"].clone(), self.routed_count)

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .accumulator import COUNT, FactorAccumulator, Factors
+from .accumulator import FactorAccumulator, Factors
 
 
 class TKFACAccumulator(FactorAccumulator):
@@ -32,7 +32,7 @@ class TKFACAccumulator(FactorAccumulator):
         trace = torch.zeros((), dtype=torch.float64, device=kwargs.get("device", "cpu"))
         super().__init__(in_features, out_features, extra={"trace": trace}, **kwargs)
 
-    def update(self, a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _accumulate(self, a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
         a, g = self._positions(a, g, mask)
         a2 = a.square().sum(dim=1)  # ‖a_s‖²
         g2 = g.square().sum(dim=1)  # ‖g_s‖²
@@ -41,9 +41,8 @@ class TKFACAccumulator(FactorAccumulator):
         self._add("A", wa.T @ wa)
         self._add("S", wg.T @ wg)
         self._state["trace"].add_((a2 * g2).sum().double())
-        self._state[COUNT].add_(a.shape[0])
 
     def finalize(self) -> Factors:
-        n, z = self.count, float(self._state["trace"])
+        n, z = self.routed_count, float(self._state["trace"])
         scale = math.sqrt(n / z) if z > 0 else 0.0
         return Factors(self._state["A"] * scale, self._state["S"] * scale, n)
