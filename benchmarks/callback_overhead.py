@@ -14,7 +14,10 @@ callback are inside). Variants, each its own process, run interleaved ``--rounds
 
 and prints the median step time of each and the overhead against its venv's plain run
 (target: <= 10 %), in process CPU time (each run uses ``--threads`` threads, 1 by default,
-so CPU time is the step's cost even on a machine shared with other jobs) and in wall time. The bergson variants need the anchor venv (skipped without it).
+so CPU time is the step's cost even on a machine shared with other jobs) and in wall time,
+pooled over rounds and, in brackets, per round against that round's plain run (the runs
+of one round are minutes apart, so a drifting load disturbs that ratio less) with the
+median of the rounds. The bergson variants need the anchor venv (skipped without it).
 Adam-normalized rows need each example's full ``[O, I]`` gradient before projecting
 (the normalizer is elementwise), which costs about as much as the backward pass's own
 weight gradients; without the optimizer state, rows are two-sided projections of the
@@ -179,20 +182,30 @@ def measure(args: argparse.Namespace, variants: list[str], model_dir: str, rows:
           f"{args.rounds} interleaved rounds, {args.threads} thread(s); "
           f"machine busy {cpu_busy_percent():.0f}% before start")
     times = {clock: {v: [] for v in variants} for clock in ("cpu", "wall")}
+    per_round = {clock: {v: [] for v in variants} for clock in ("cpu", "wall")}
     for r in range(args.rounds):
         for v in variants:
             res = run_variant(v, model_dir, rows, args.steps, args.threads)
             for clock in times:
                 times[clock][v] += res[clock][2:]  # the first steps warm caches up
-            print(f"  round {r + 1} {v:>14}: median cpu {statistics.median(res['cpu'][2:]) * 1e3:7.1f}"
-                  f" ms, wall {statistics.median(res['wall'][2:]) * 1e3:7.1f} ms")
+                per_round[clock][v].append(statistics.median(res[clock][2:]))
+            print(f"  round {r + 1} {v:>14}: median cpu {per_round['cpu'][v][-1] * 1e3:7.1f}"
+                  f" ms, wall {per_round['wall'][v][-1] * 1e3:7.1f} ms")
     for clock in ("cpu", "wall"):
         med = {v: statistics.median(t) for v, t in times[clock].items()}
-        print(f"\nmedian step ({clock} time)  overhead vs plain of its venv")
+        print(f"\nmedian step ({clock} time)  overhead vs plain of its venv   "
+              "[per round: vs that round's plain run; median of rounds]")
         for v in variants:
             base = "bergson_plain" if v.startswith("bergson") else "plain"
             over = (med[v] / med[base] - 1) * 100 if base in med and v != base else None
             extra = f"{over:+6.1f} %" if over is not None else "   -"
+            if over is not None:
+                # A round's runs are minutes apart, so the load they shared varies less
+                # than across rounds: the paired ratio is the steadier figure on a busy host.
+                paired = [(a / b - 1) * 100 for a, b in
+                          zip(per_round[clock][v], per_round[clock][base])]
+                extra += (f"   [{' '.join(f'{x:+.1f}' for x in paired)}; "
+                          f"median {statistics.median(paired):+.1f} %]")
             print(f"{v:>14}   {med[v] * 1e3:8.1f} ms   {extra}")
 
 

@@ -201,6 +201,59 @@ def test_store_is_a_query_store_for_score(one_step, tmp_path):
                                     query_path=str(store), projection_dim=P * 2), sizes)
 
 
+def test_store_config_names_output_dir_for_a_model_built_in_code(one_step):
+    """The recipe model was built in code (no path to load it from): each store's
+    ``config.yaml`` names the trainer's output_dir (where ``trainer.save_model()`` puts
+    it) and this collector's gradient settings, without optimizer state (queries are
+    plain gradients)."""
+    from bergson_ray.query.store_spec import open_store_spec
+
+    root, _, _, _, trainer = one_step
+    for sub in ("adam", "raw"):
+        build = open_store_spec(root / sub / "train" / "epoch_0").build
+        assert build is not None
+        assert build.model.model == str(Path(trainer.args.output_dir).resolve())
+        assert build.grad.projection_dim == P and not build.grad.optimizer_state
+        assert build.data.dataset == ""
+
+
+def test_serve_loads_the_recorded_model(tmp_path, tiny_assets):
+    """The tiny model loaded from its directory, trained one step with lr = 0 (fixed
+    parameters): the store's ``config.yaml`` names that directory, ``serve`` accepts the
+    store for text queries (``load_model`` true), and the query side, loading the model
+    from the record, makes query rows equal to the store's rows of the same texts."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from bergson_ray.config import ServeConfig, as_config
+    from bergson_ray.pipelines.serve import validate
+    from bergson_ray.query.query_grads import QueryGradientMaker
+    from bergson_ray.query.store_spec import open_store_spec
+
+    model_dir = str(Path(tiny_assets.model_dir).resolve())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = ["Lists are mutable sequences.", "A tuple is an immutable sequence of values.",
+             "Dictionaries map keys to values.", "The with statement wraps a block."]
+    ds = Dataset.from_dict({"input_ids": [tok(t)["input_ids"] for t in texts]})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=len(texts), max_steps=1,
+        learning_rate=0.0, report_to=[], use_cpu=True, save_strategy="no",
+        logging_strategy="no", disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=recipe_collate,
+                      processing_class=tok, callbacks=[raw_callback(tmp_path / "g")])
+    bergson_ray.prepare_for_gradient_collection(trainer)
+    trainer.train()
+
+    store = tmp_path / "g" / "train" / "epoch_0"
+    spec = open_store_spec(store)
+    assert spec.build is not None and spec.build.model.model == model_dir
+    validate(as_config(ServeConfig, store=str(store), load_model=True))  # no "--load_model false"
+    maker = QueryGradientMaker(spec)
+    assert_same(maker.compute(texts), store_rows(store), tol=1e-5)
+
+
 def test_shuffled_epochs_in_dataset_order_and_accumulated_sum(tmp_path):
     """lr = 0 keeps the parameters fixed over 2 shuffled epochs: each epoch's store is the
     engine's rows in dataset order, and the accumulated store is twice that (bergson

@@ -100,6 +100,8 @@ class PerExampleCollector:
         self.mask: torch.Tensor | None = None
         self._stash: dict[str, list[torch.Tensor]] = {}
         self.out: dict[str, torch.Tensor] = {}
+        self._dense_of: torch.Tensor | None = None  # the mask _dense describes
+        self._dense = False
 
     # -- layout -----------------------------------------------------------------
     @property
@@ -171,7 +173,7 @@ class PerExampleCollector:
             del self._stash[name]
         assert self.mask is not None, "begin() not called"
         mask = self.mask
-        g_raw = g.float() * mask[..., None].to(g.device)
+        g_raw = g.float() if self._all_positions(mask) else g.float() * mask[..., None].to(g.device)
         per_token = self.cfg.attribute_tokens
         if per_token:
             sel = mask.to(g.device)
@@ -186,6 +188,17 @@ class PerExampleCollector:
                 self.out[blk.name] = rows
 
     # -- math -------------------------------------------------------------------
+    def _all_positions(self, mask: torch.Tensor) -> bool:
+        """Whether ``mask`` selects every position, so multiplying by it can be skipped.
+
+        Checked once per mask, and only on the CPU: on an accelerator the check would be a
+        host sync per batch, dearer than the multiply it saves.
+        """
+        if mask is not self._dense_of:
+            self._dense_of = mask
+            self._dense = mask.device.type == "cpu" and bool(mask.all())
+        return self._dense
+
     def _block_rows(
         self,
         name: str,
@@ -215,15 +228,15 @@ class PerExampleCollector:
             lg = g @ left.T  # [N,S,p]
             if self._head_right(name):  # activations arrive unprojected: use this head's R
                 a = a @ self._right(name, blk, g.device)[:, : blk.in_features].T
-            out = torch.einsum("nsp,nsq->npq", lg, a)
+            out = torch.bmm(lg.transpose(1, 2), a)  # [N,p,q]: Σ_s lg_s ⊗ a_s
             if bias_vec is not None:
                 r_bias = self._right(name, blk, g.device)[:, blk.in_features]
                 out = out + (bias_vec @ left.T)[:, :, None] * r_bias[None, None, :]
             return out.reshape(n, -1)
 
-        full = torch.einsum("nso,nsi->noi", g, a)  # [N, O, I]
+        full = torch.bmm(g.transpose(1, 2), a)  # [N, O, I], a fresh tensor: scaled in place
         if isinstance(norm, AdamNormalizer):
-            full = full * norm.weight_scale().to(g.device)
+            full.mul_(norm.weight_scale().to(g.device))
         if bias_vec is not None:
             full = torch.cat([full, bias_vec[:, :, None]], dim=2)
         if self.p <= 0:

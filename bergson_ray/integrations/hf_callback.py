@@ -22,7 +22,9 @@ same way. Three things differ from reading ``g`` naively:
 
 Layout under ``path``: ``train/epoch_<e>`` per epoch, or one ``train`` store (the sum over
 epochs) with ``accumulate_grads``; ``order.hf`` (``_idx``, ``global_step``, ``epoch``) with
-``track_order``. Each store is written as ``<name>.part`` and renamed when complete.
+``track_order``. Each store is written as ``<name>.part`` and renamed when complete, with a
+``config.yaml`` naming the model to make query gradients with (``query_model.py``), so
+``serve`` and ``score`` read it like a ``build`` store.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ import torch
 from torch import nn
 from transformers.trainer_callback import TrainerCallback
 
-from ..config.sections import AttentionConfig, GradientConfig
+from ..config.commands import BuildConfig
+from ..config.sections import (
+    AttentionConfig,
+    DataConfig,
+    GradientConfig,
+    IndexModelConfig,
+    RunConfig,
+)
 from ..errors import BadInputError
 from ..gradients.collector import PerExampleCollector
 from ..gradients.hooks import ModuleTaps
@@ -50,6 +59,7 @@ from . import dist
 from .collator import IDX, PREPARED_FLAG
 from .loss_scale import loss_token_counts, per_document_scale
 from .optimizer_moments import live_normalizers
+from .query_model import query_model_config
 from .train_store import RowShard, SumBuffer, commit_store, part_of, remove, save_order
 
 log = logging.getLogger(__name__)
@@ -62,7 +72,7 @@ _SEEN_IDX = "_bergson_ray_idx"
 class _MicroBatch:
     """What one forward/backward pass of the trainer left for us."""
 
-    idx: torch.Tensor  # [N] dataset indices (CPU)
+    idx: torch.Tensor  # [N] dataset indices (on the batch's device until the step's flush)
     labels: torch.Tensor  # [N, S]
     mask: torch.Tensor  # [N, S] bool: positions whose gradients are collected
     scale: torch.Tensor | None = None  # [N] the trainer's factor on each document's loss
@@ -145,7 +155,12 @@ class GradientCollectorCallback(TrainerCallback):
 
     Ours (keyword-only): ``modules`` / ``filter_modules`` (include / exclude globs, as on
     ``build``), ``loss_reduction`` (``sum`` as ``build``'s default, or ``mean``),
-    ``projection_type``, ``overwrite`` (replace stores this run would write).
+    ``projection_type``, ``overwrite`` (replace stores this run would write), and what
+    each store's ``config.yaml`` records for the query side (``serve``, ``score``):
+    ``model_name_or_path`` (the model query gradients are made with; default: where the
+    trainer's model was loaded from, else the trainer's ``output_dir``) and ``dataset``
+    (the training data as ``build --dataset`` names it, so hits come with their text;
+    default: none).
     """
 
     def __init__(
@@ -165,6 +180,8 @@ class GradientCollectorCallback(TrainerCallback):
         loss_reduction: str = "sum",
         projection_type: str = "rademacher",
         overwrite: bool = False,
+        model_name_or_path: str | None = None,
+        dataset: str = "",
     ):
         super().__init__()
         self.path = Path(path)
@@ -180,6 +197,8 @@ class GradientCollectorCallback(TrainerCallback):
         self.scale_by_lr = scale_by_lr
         self.track_order = track_order
         self.overwrite = overwrite
+        self.model_name_or_path = model_name_or_path
+        self.dataset = dataset
         self.order: list[dict[str, int]] | None = [] if track_order else None
         self.last_normalizers: dict[str, Normalizer] = {}
         """Normalizers applied to the latest step's rows (saved with each store)."""
@@ -197,6 +216,7 @@ class GradientCollectorCallback(TrainerCallback):
         self._epoch = 0
         self._shard: RowShard | None = None
         self._accum: SumBuffer | None = None
+        self._model_cfg: IndexModelConfig | None = None
 
     # ------------------------------------------------------------------ layout
     @property
@@ -214,6 +234,20 @@ class GradientCollectorCallback(TrainerCallback):
 
     def _processor(self) -> ProcessorConfig:
         return ProcessorConfig.from_gradient_config(self.grad_cfg)
+
+    def _record(self, final: Path) -> BuildConfig | None:
+        """What ``config.yaml`` of the store at ``final`` says: the model to make query
+        gradients with, and this collector's gradient settings. No optimizer state:
+        queries are plain gradients, so a score is ``<query gradient, update of the
+        example>``."""
+        if self._model_cfg is None:
+            return None
+        return BuildConfig(
+            run=RunConfig(run_path=str(final.resolve())),
+            model=self._model_cfg,
+            data=DataConfig(dataset=self.dataset),
+            grad=self.grad_cfg,
+        )
 
     # ------------------------------------------------------------------ trainer events
     def on_train_begin(self, args, state, control, *, model=None, train_dataloader=None, **kwargs):
@@ -245,6 +279,10 @@ class GradientCollectorCallback(TrainerCallback):
         self._collector = PerExampleCollector(self._modules, self.grad_cfg)
         self._dim = sum(self._collector.grad_sizes.values())
         self._epoch = int(state.epoch or 0)
+        self._model_cfg = query_model_config(
+            model, kwargs.get("processing_class") or kwargs.get("tokenizer"),
+            args.output_dir, self.model_name_or_path,
+        )
         self._prepare_outputs(resumed=state.global_step > 0)
         self._taps = ModuleTaps(self._modules, _Taps(self))
         self._taps.__enter__()
@@ -308,10 +346,12 @@ class GradientCollectorCallback(TrainerCallback):
             else:
                 buffer = SumBuffer(shards, self._num_items, self._dim)
                 buffer.add_shards(shards)
+                final = self._epoch_final(self._epoch)
                 commit_store(
-                    shards, self._epoch_final(self._epoch), buffer,
+                    shards, final, buffer,
                     grad_sizes=self._collector.grad_sizes, dtype=self.dtype,
                     processor=self._processor(), normalizers=self.last_normalizers,
+                    record=self._record(final),
                 )
         dist.barrier()
 
@@ -323,6 +363,7 @@ class GradientCollectorCallback(TrainerCallback):
                 part_of(final), final, self._accum,
                 grad_sizes=self._collector.grad_sizes, dtype=self.dtype,
                 processor=self._processor(), normalizers=self.last_normalizers,
+                record=self._record(final),
             )
             self._accum = None
         if self.order is not None:
@@ -400,7 +441,7 @@ class GradientCollectorCallback(TrainerCallback):
         labels = labels.detach()
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.detach().bool()
-        mb = _MicroBatch(idx=idx.detach().cpu().long(), labels=labels, mask=mask)
+        mb = _MicroBatch(idx=idx.detach().long(), labels=labels, mask=mask)
         self._close_live_batch()
         self._current = mb
         self._pending.append(mb)
@@ -424,7 +465,7 @@ class GradientCollectorCallback(TrainerCallback):
         logits.register_hook(partial(self._on_logits_grad, mb, logits.detach()))
 
     def _on_logits_grad(self, mb: _MicroBatch, logits: torch.Tensor, grad: torch.Tensor) -> None:
-        mb.scale = per_document_scale(logits, grad, mb.labels).cpu()
+        mb.scale = per_document_scale(logits, grad, mb.labels)  # stays on the device: no sync
 
     def _on_module_forward(self, name: str, module: nn.Module, a: torch.Tensor) -> None:
         if not self._forward_open:
@@ -472,23 +513,27 @@ class GradientCollectorCallback(TrainerCallback):
         return rows
 
     def _flush_pending(self, global_step: int) -> None:
-        """Loss-scale the finished micro-batches' rows and append them to this rank's shard."""
-        for mb in self._pending:
-            if mb.rows is None:
-                continue
-            if mb.scale is None:
-                raise RuntimeError("no gradient reached the logits of a collected batch")
-            div = mb.scale.to(mb.rows.device)
-            if self.grad_cfg.loss_reduction == "mean":
-                div = div * loss_token_counts(mb.labels).to(div)
-            rows = (mb.rows / div[:, None]).cpu()
+        """Loss-scale the finished micro-batches' rows and append them to this rank's shard
+        (one device-to-host copy for the whole optimizer step)."""
+        done = [mb for mb in self._pending if mb.rows is not None]
+        if done:
             if self._shard is None:
                 raise RuntimeError("a training step ran outside an epoch")
-            self._shard.append(mb.idx.numpy(), rows.numpy())
+            scaled = []
+            for mb in done:
+                if mb.scale is None:
+                    raise RuntimeError("no gradient reached the logits of a collected batch")
+                div = mb.scale.to(mb.rows.device)
+                if self.grad_cfg.loss_reduction == "mean":
+                    div = div * loss_token_counts(mb.labels).to(div)
+                scaled.append(mb.rows / div[:, None])
+            rows = torch.cat(scaled).cpu().numpy()
+            idx = torch.cat([mb.idx.to(scaled[0].device) for mb in done]).cpu().numpy()
+            self._shard.append(idx, rows)
             if self.order is not None:
                 self.order.extend(
                     {"_idx": int(i), "global_step": int(global_step), "epoch": self._epoch}
-                    for i in mb.idx.tolist()
+                    for i in idx.tolist()
                 )
         self._pending = [mb for mb in self._pending if mb.rows is None]
         if not self._pending:

@@ -35,19 +35,24 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _step_count(state: dict[str, Any]) -> float:
-    step = state.get("step", 0)
-    return float(step.item() if isinstance(step, torch.Tensor) else step)
-
-
 def _adam_corrected(state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
-    """``exp_avg_sq / (1 - beta2^step)``: the second moment Adam divided by at this step."""
+    """``exp_avg_sq / (1 - beta2^step)``: the second moment Adam divided by at this step.
+
+    A step count kept on an accelerator (fused or capturable Adam) is used there, in
+    float64 like the host path, rather than read back (a sync per module and step).
+    """
     v = state["exp_avg_sq"].detach().float()
     betas = group.get("betas")
-    step = _step_count(state)
-    if betas is None or step <= 0:
+    step = state.get("step", 0)
+    if betas is None:
         return v
-    return v / (1.0 - float(betas[1]) ** step)
+    beta2 = float(betas[1])
+    if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+        step = step.detach().to(torch.float64)
+        correction = torch.where(step > 0, 1.0 - torch.pow(beta2, step), 1.0)
+        return v / correction.to(v.dtype)
+    step = float(step.item() if isinstance(step, torch.Tensor) else step)
+    return v if step <= 0 else v / (1.0 - beta2**step)
 
 
 def _scalar_eps(group: dict[str, Any]) -> float:
@@ -65,8 +70,42 @@ def _adam_stored(v_hat: torch.Tensor, eps: float, lr: float) -> torch.Tensor:
     shrinks the optimizer's ``eps`` by ``lr`` and makes elements whose batch gradient
     nearly cancels (``v̂`` tiny) blow up far more than the optimizer's update does.
     """
-    denom = (v_hat.sqrt() + eps) / lr
-    return (denom - ADAM_EPS).clamp_min(0.0).square()
+    return _stored_of_scale(_adam_scale(v_hat, eps, lr))
+
+
+def _adam_scale(v_hat: torch.Tensor, eps: float, lr: float) -> torch.Tensor:
+    """``lr / (sqrt(v̂) + eps)``, the optimizer's per-element step (one new tensor)."""
+    return v_hat.sqrt().add_(eps).reciprocal_().mul_(lr)
+
+
+def _stored_of_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The ``*_avg_sq`` whose :meth:`AdamNormalizer.weight_scale` is ``scale``."""
+    return (scale.reciprocal() - ADAM_EPS).clamp_min(0.0).square()
+
+
+class StepAdamNormalizer(AdamNormalizer):
+    """An :class:`AdamNormalizer` built from the per-element step ``lr / (sqrt(v̂) + eps)``.
+
+    The collector multiplies every micro-batch's gradients by that step; holding it
+    directly spares the round trip through ``*_avg_sq`` (a square, a square root and two
+    reciprocals over every weight, per module and step). ``weight_avg_sq`` (what a
+    saved store records) is derived on demand only.
+    """
+
+    def __init__(self, weight_scale: torch.Tensor, bias_avg_sq: torch.Tensor | None = None):
+        self._weight_scale = weight_scale
+        self.bias_avg_sq = bias_avg_sq
+
+    @property
+    def weight_avg_sq(self) -> torch.Tensor:  # type: ignore[override]
+        return _stored_of_scale(self._weight_scale)
+
+    def weight_scale(self) -> torch.Tensor:
+        return self._weight_scale
+
+    def head(self, lo: int, hi: int) -> StepAdamNormalizer:
+        b = None if self.bias_avg_sq is None else self.bias_avg_sq[lo:hi]
+        return StepAdamNormalizer(self._weight_scale[lo:hi], b)
 
 
 def live_normalizers(
@@ -118,7 +157,7 @@ def live_normalizers(
             if tuple(v.shape) != weight_shape(mod):
                 log.debug("%s: moment shape %s is not the weight's; skipped", name, tuple(v.shape))
                 continue
-            out[name] = AdamNormalizer(_adam_stored(v, eps, lr).contiguous(), bias_sq)
+            out[name] = StepAdamNormalizer(_adam_scale(v, eps, lr).contiguous(), bias_sq)
     if not out and modules:
         log.debug("optimizer %s holds no second moments for %s", type(opt).__name__, type(root).__name__)
     return out

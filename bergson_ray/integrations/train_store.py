@@ -4,8 +4,8 @@ Every process (one per DDP rank) appends the rows it computed to its own shard i
 store's ``.part`` directory (``shard-<rank>.idx`` int64, ``shard-<rank>.rows`` float32).
 When the store is due (an epoch's end, or the end of training with
 ``accumulate_grads``) rank 0 sums the shards into a float32 buffer at each row's dataset
-index, writes a ``build``-format store (``GradientStoreWriter``, processor files) into the
-``.part`` directory and renames it. So:
+index, writes a ``build``-format store (``GradientStoreWriter``, processor files and a
+``build``-shaped ``config.yaml``) into the ``.part`` directory and renames it. So:
 
 * a crash before the rename leaves only ``<name>.part``: nothing that looks complete;
 * an example seen twice in one epoch (DDP's padding of the last batch repeats examples)
@@ -23,6 +23,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,6 +137,22 @@ def normalizer_states(normalizers: Mapping[str, Normalizer]) -> dict[str, Normal
     return {k: NormalizerState(n.kind, dict(n.tensors())) for k, n in normalizers.items()}
 
 
+def save_build_config(directory: Path, record: Any) -> Path:
+    """``config.yaml`` as ``build`` writes it (our ``BuildConfig`` plus bergson's
+    ``index_cfg``/``preprocess_cfg``), so the query side (``serve``, ``score``) can load
+    the model and make query gradients the way the store's rows were made."""
+    import yaml
+
+    from ..store.config_yaml import build_step_body
+    from ..store.run_dir import CONFIG_YAML, run_metadata
+
+    doc = {"steps": [{"build": build_step_body(record)}], "metadata": run_metadata()}
+    path = directory / CONFIG_YAML
+    with path.open("w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return path
+
+
 def commit_store(
     part: Path,
     final: Path,
@@ -145,9 +162,11 @@ def commit_store(
     dtype: torch.dtype,
     processor: ProcessorConfig,
     normalizers: Mapping[str, Normalizer],
+    record: Any = None,
     chunk: int = 8192,
 ) -> Path:
-    """Write ``buffer`` as a gradient store into ``part`` and rename it to ``final``."""
+    """Write ``buffer`` as a gradient store into ``part`` and rename it to ``final``;
+    ``record`` (a ``BuildConfig`` for ``final``, if given) becomes its ``config.yaml``."""
     num_items, _ = buffer.shape
     unseen = int(num_items - int(np.count_nonzero(buffer.seen)))
     if unseen:
@@ -160,6 +179,8 @@ def commit_store(
         writer.write_rows(np.arange(lo, hi), np.asarray(buffer.sum[lo:hi]))
     writer.close()
     save_processor(part, processor, normalizers=normalizer_states(normalizers))
+    if record is not None:
+        save_build_config(part, record)
     buffer.close_and_remove()
     drop_shards(part)
     if final.exists():

@@ -50,7 +50,7 @@ class DocumentLookup:
             if cols:
                 self.columns = cols[:1] if cols[0] == text_field else cols
                 return data
-        if build is not None:
+        if build is not None and build.data.dataset:  # a callback store may name none
             try:
                 from ..data.loading import load_dataset_rows
 
