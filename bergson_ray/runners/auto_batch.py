@@ -22,15 +22,23 @@ import dataclasses
 import gc
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ..data.batch_size import largest_fitting_budget, probe_batches, search_ceiling
 
-if TYPE_CHECKING:
-    from .gradient_runner import GradientRunner
+
+class Tunable(Protocol):
+    """What the search needs of a :class:`~.gradient_runner.GradientRunner` (a protocol,
+    so this module does not import the runner that calls it)."""
+
+    spec: Any
+    source: Any
+    engine: Any
+
+    def tokenize(self, idx: np.ndarray) -> list: ...
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +49,14 @@ run builds up (bergson's figure)."""
 TOKENIZE_BLOCK = 2048
 
 
-def store_row_count(runner: GradientRunner) -> int:
+def store_row_count(runner: Tunable) -> int:
     """Rows of the store the runner computes (a ``--chunk_length`` / ``--max_tokens`` plan's
     rows, else the dataset's)."""
     plan = runner.spec.rows
     return len(plan) if plan is not None else len(runner.source.dataset)
 
 
-def row_lengths(runner: GradientRunner) -> list[int]:
+def row_lengths(runner: Tunable) -> list[int]:
     """Token count of every store row, tokenized as the worker tokenizes them."""
     n = store_row_count(runner)
     out: list[int] = []
@@ -58,7 +66,7 @@ def row_lengths(runner: GradientRunner) -> list[int]:
     return out
 
 
-def gpu_probe(runner: GradientRunner, lengths: Sequence[int], window: int | None) -> Callable[[int], bool]:
+def gpu_probe(runner: Tunable, lengths: Sequence[int], window: int | None) -> Callable[[int], bool]:
     """``fits(budget)``: the budget's heaviest batches run on this worker's GPU."""
     from ..data.batching import collate
 
@@ -86,7 +94,7 @@ def gpu_probe(runner: GradientRunner, lengths: Sequence[int], window: int | None
 
 
 def tune_token_batch_size(
-    runner: GradientRunner,
+    runner: Tunable,
     *,
     window: int | None = None,
     fits: Callable[[int], bool] | None = None,

@@ -80,7 +80,7 @@ def node_key(node_id: str) -> int:
         return 0
 
 
-def _node_names(keys) -> dict:
+def _node_names() -> dict:
     """``{node_key: node id}`` for the nodes Ray knows (dead ones included)."""
     try:
         import ray
@@ -203,8 +203,8 @@ class StageMonitor:
         if self.rows:
             out["driver_bytes_per_row"] = round(self.driver_bytes / self.rows, 1)
         if self.per_node:
-            names = _node_names(self.per_node) if any(
-                isinstance(k, int) for k in self.per_node) else {}
+            keyed = any(isinstance(k, int) for k in self.per_node)
+            names = _node_names() if keyed else {}
             named = {str(names.get(k, k)): c for k, c in self.per_node.items()}
             out["rows_per_node"] = dict(sorted(named.items()))
         return out
