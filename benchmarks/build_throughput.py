@@ -1,13 +1,17 @@
 """Throughput and peak memory of ``build`` (p=16) on 1000 x 256-token documents.
 
-Runs ``bergson-ray build`` with 1 and 2 workers and, when the anchor venv exists
+Runs ``bergson-ray build`` with one worker (by default in its own process, no Ray),
+one worker on a Ray pool (``--executor ray``) and 2 Ray workers and, when the anchor venv exists
 (``bash scripts/bergson_anchor.sh``), ``bergson build`` on the same
 model and data; runs alternate so a busy machine affects both. Prints tokens/s
 end to end (process start to exit) and in the gradient loop alone (the tqdm bar:
 excludes imports, Ray start-up and model loading), peak RSS of the whole process
 tree, and bergson_ray / bergson ratios.
 
-    python benchmarks/build_throughput.py [--docs 1000] [--tokens 256] [--reps 1]
+    python benchmarks/build_throughput.py [--docs 1000] [--tokens 256] [--reps 1] [--workers 1,ray1,2]
+
+``--workers``: comma-separated variants; ``N`` is ``--num_workers N`` as a user types it
+(1 runs in process), ``rayN`` forces a Ray pool of N (``--executor ray``).
 """
 
 from __future__ import annotations
@@ -39,10 +43,13 @@ def prepare(docs: int, tokens: int, root: Path) -> tuple[str, str]:
     return str(assets.model_dir), str(data)
 
 
-def ours(model: str, data: str, out: Path, workers: int) -> dict:
+def ours(model: str, data: str, out: Path, variant: str) -> dict:
     exe = Path(sys.executable).with_name("bergson-ray")
+    workers = int(variant.removeprefix("ray"))
     cmd = [str(exe), "build", str(out), "--model", model, "--dataset", data, "--projection_dim", "16",
            "--truncation", "--token_batch_size", "512", "--num_workers", str(workers), "--overwrite"]
+    if variant.startswith("ray"):
+        cmd += ["--executor", "ray"]
     r = run_timed(cmd, ENV)
     summary = json.loads((out / "summary.json").read_text()) if r["rc"] == 0 else {}
     r["tokens"] = summary.get("tokens")
@@ -54,6 +61,13 @@ def ours(model: str, data: str, out: Path, workers: int) -> dict:
     r["startup"] = summary.get("startup", {})
     r["driver_bytes"] = summary.get("driver_bytes_per_row")
     return r
+
+
+def variant_name(v: str) -> str:
+    n = int(v.removeprefix("ray"))
+    if v.startswith("ray"):
+        return f"Ray pool, {n} worker{'s' * (n > 1)}"
+    return "1 worker, in process" if n == 1 else f"{n} workers (Ray)"
 
 
 def theirs(model: str, data: str, out: Path) -> dict:
@@ -68,13 +82,13 @@ def theirs(model: str, data: str, out: Path) -> dict:
 def line(name: str, r: dict, tokens: int) -> str:
     if r["rc"] != 0:
         tail = r["output"].strip().splitlines()[-3:]
-        return f"{name:<22} FAILED rc={r['rc']}: {' | '.join(tail)}"
+        return f"{name:<36} FAILED rc={r['rc']}: {' | '.join(tail)}"
     loop = f"{tokens / r['loop']:9.0f}" if r.get("loop") else "      n/a"
-    text = (f"{name:<22} wall {r['wall']:7.1f}s  e2e {tokens / r['wall']:8.0f} tok/s  "
+    text = (f"{name:<36} wall {r['wall']:7.1f}s  e2e {tokens / r['wall']:8.0f} tok/s  "
             f"loop {loop} tok/s  peak RSS {r['peak_mib']:7.0f} MiB")
     st = r.get("startup")
     if st:  # summary.json's breakdown: process start -> first gradients
-        text += (f"\n{'':<22} start-up {st['first_gradient_s']:.1f}s = to stage "
+        text += (f"\n{'':<36} start-up {st['first_gradient_s']:.1f}s = to stage "
                  f"{st['process_to_stage_s']:.1f}s + Ray {st['ray_start_s']:.1f}s + workers to "
                  f"first batch {st['workers_to_first_batch_s']:.1f}s (of which worker set-up "
                  f"{st['worker_setup_s']:.1f}s); driver received {r['driver_bytes']} B/row")
@@ -86,7 +100,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--workers", default="1,ray1,2")
     args = ap.parse_args()
     root = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir())) / "bergson_ray_bench"
     root.mkdir(parents=True, exist_ok=True)
@@ -98,8 +112,9 @@ def main() -> None:
     for _ in range(args.reps):
         if bergson_cli():
             results.setdefault("bergson", []).append(theirs(model, data, root / "bergson_out"))
-        for w in (int(x) for x in args.workers.split(",")):
-            results.setdefault(f"bergson_ray {w} worker", []).append(ours(model, data, root / f"ours_{w}", w))
+        for v in args.workers.split(","):
+            name = f"bergson_ray {variant_name(v)}"
+            results.setdefault(name, []).append(ours(model, data, root / f"ours_{v}", v))
     best = {k: min((r for r in v if r["rc"] == 0), key=lambda r: r["wall"], default=v[0])
             for k, v in results.items()}
     for name, r in best.items():

@@ -100,6 +100,7 @@ def test_resume_recomputes_only_missing_rows(reference, tmp_path):
         token_batch_size=4096,
         num_workers=1,
         resume=True,
+        executor="process",  # a Ray run resumed in process: the same rows
     )
     assert_same(rows_of(out), rows_of(reference))
     assert summary_of(out)["computed_documents"] == 10
@@ -139,6 +140,7 @@ def test_per_token_store_sums_to_sequence_rows(reference, tmp_path):
         truncation=True,
         attribute_tokens=True,
         num_workers=1,
+        executor="process",
     )
     store = GradientStore.open(out)
     assert store.attribute_tokens and store.num_items == 6
@@ -160,6 +162,7 @@ def test_bf16_store_roundtrips(tmp_path, ray_session):
         truncation=True,
         precision="bf16",
         num_workers=1,
+        executor="process",
     )
     store = GradientStore.open(out)
     assert store.dtype == torch.bfloat16
@@ -207,7 +210,8 @@ def test_short_documents_fail_clearly(tmp_path, ray_session, tiny_assets):
     rows = [{"text": "a perfectly normal sentence about loops"}, {"text": ""}, {"text": "x"}]
     datasets.Dataset.from_list(rows).to_json(str(data))
     with pytest.raises(BadInputError, match="fewer than 2 tokens"):
-        build(run_path=tmp_path / "x", dataset=str(data), projection_dim=4, num_workers=1)
+        build(run_path=tmp_path / "x", dataset=str(data), projection_dim=4, num_workers=1,
+              executor="ray")
     assert no_store(tmp_path / "x")
     # bergson's behaviour on request: zero rows for the short documents
     out = build(
@@ -216,6 +220,7 @@ def test_short_documents_fail_clearly(tmp_path, ray_session, tiny_assets):
         projection_dim=4,
         num_workers=1,
         skip_short_docs=True,
+        executor="process",  # the refusal above came through Ray's error column
     )
     r = rows_of(out)
     assert np.abs(r[0]).sum() > 0 and np.abs(r[1]).sum() == 0 and np.abs(r[2]).sum() == 0

@@ -30,7 +30,7 @@ from bergson_ray.store.score_writer import ScoreWriter
 N = 16
 MODULE = "layers.3.attention.dense"
 """One small module: full (unprojected) gradients stay small for --token_influence output."""
-COMMON = dict(projection_dim=0, modules=[MODULE], truncation=True, num_workers=1)
+COMMON = dict(projection_dim=0, modules=[MODULE], truncation=True, num_workers=1, executor="process")
 
 
 # ----------------------------------------------------------------------- selection

@@ -40,7 +40,7 @@ def test_ekfac_scores_are_preconditioned_inner_products(
 
     out = ekfac(
         run_path=str(tmp_path / "ek"), split="train[:12]", window_size=8,
-        projection_dim=projection_dim,
+        projection_dim=projection_dim, executor="process",  # its build/score stages
     )  # fmt: skip
     root = tmp_path / "ek"
     scores = torch.from_numpy(ScoreStore.open(out).scores)

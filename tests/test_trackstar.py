@@ -26,6 +26,7 @@ COMMON = dict(
     projection_dim=8,
     truncation=True,
     stats_sample_size=STATS,
+    executor="process",  # build/score stages in process (tests/test_in_process.py)
     **{"query.split": QUERY_SPLIT, "query.truncation": True},
 )
 
@@ -59,7 +60,7 @@ def test_unmixed_trackstar_is_hessian_build_score(ray_session, tmp_path, tiny_as
     for step in ("value_hessian", "query", "scores"):  # every step normalized by Adam
         assert adam in (root / step / "config.yaml").read_text()
 
-    grad = dict(dataset="tiny", projection_dim=8, truncation=True, optimizer_state=adam)
+    grad = dict(dataset="tiny", projection_dim=8, truncation=True, optimizer_state=adam, executor="process")
     h = hessian(run_path=str(tmp_path / "h"), method="autocorrelation", split="train[0:12]", **grad)
     q = build(
         run_path=str(tmp_path / "q"),

@@ -32,6 +32,7 @@ COMMON = dict(
     split=SPLIT,
     projection_dim=P,
     truncation=True,
+    executor="process",  # build/score/p_i stages in process (tests/test_in_process.py)
     **{"query.split": QUERY_SPLIT, "query.truncation": True},
 )
 SEED = 3
@@ -201,7 +202,8 @@ def ensemble_run(ray_session, ckpts, tmp_path_factory):
     from bergson_ray.pipelines.trak import trak
 
     root = tmp_path_factory.mktemp("ensemble") / "trak"
-    cfg = dict(run_path=str(root), checkpoints=ckpts, projection_seed=SEED, num_workers=2, **COMMON)
+    cfg = dict(run_path=str(root), checkpoints=ckpts, projection_seed=SEED, num_workers=2,
+               **{**COMMON, "executor": "ray"})  # fmt: skip
     return root, cfg, _scores(trak(**cfg))
 
 

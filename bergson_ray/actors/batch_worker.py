@@ -82,12 +82,18 @@ class PartialSums(Rows):
     """One fp64 partial sum per batch, pushed to the reducer actor, for ``reduce``."""
 
     reducer: Any
-    """A :class:`~bergson_ray.actors.reducer.Reducer` handle."""
+    """A :class:`~bergson_ray.actors.reducer.Reducer` handle, or the plain
+    :class:`~bergson_ray.actors.reducer.RunningSum` of an in-process run."""
 
     def compute(self, runner, idx: np.ndarray) -> dict[str, np.ndarray]:
         return runner.partial_sum(idx)
 
     def deliver(self, out: dict[str, np.ndarray]) -> None:
+        from .reducer import RunningSum
+
+        if isinstance(self.reducer, RunningSum):
+            self.reducer.add(out["idx"], out.pop("sum"))
+            return
         import ray
 
         # Synchronous: the batch only counts as done once the reducer holds its sum.

@@ -12,8 +12,10 @@ import numpy as np
 import ray
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
-class Reducer:
+class RunningSum:
+    """The reducer's state and rules; :data:`Reducer` is this class as a Ray actor, and a
+    run with its one worker in the driver's process uses it directly."""
+
     def __init__(self, num_items: int, dim: int):
         self.total = np.zeros(dim, dtype=np.float64)
         self.counted = np.zeros(num_items, dtype=bool)
@@ -36,3 +38,6 @@ class Reducer:
     def result(self) -> tuple[np.ndarray, int, int]:
         """``(sum, documents counted, duplicate pushes ignored)``."""
         return self.total, int(self.counted.sum()), self.duplicates
+
+
+Reducer = ray.remote(num_cpus=0, max_restarts=0)(RunningSum)

@@ -241,6 +241,8 @@ class RayConfig:
 
     address: str | None = None
     """Ray cluster address; unset uses RAY_ADDRESS or starts a local Ray."""
+    executor: Literal["auto", "ray", "process"] = "auto"
+    """Where build/score/reduce compute: process = in this process, no Ray (one local worker); ray = a Ray actor pool; auto = process when the run would start its own local Ray for one worker, else ray."""
     num_workers: int = 0
     """Gradient worker actors (0 = one per GPU, or 1 on a CPU-only cluster)."""
     num_gpus_per_worker: float = 1.0
@@ -271,6 +273,10 @@ class RayConfig:
         require(self.torch_threads >= 0, "--torch_threads must be >= 0")
         require(self.window_size >= 1, "--window_size must be >= 1")
         require(self.fsdp_shards >= 0, "--fsdp_shards must be >= 0")
+        if self.executor == "process":
+            require(self.num_workers <= 1, "--executor process runs one worker; drop --num_workers or use --executor ray")
+            require(not self.fsdp, "--executor process cannot shard with --fsdp; use --executor ray")
+            require(not self.address, "--executor process runs without Ray; drop --address or use --executor ray")
 
 
 @dataclass

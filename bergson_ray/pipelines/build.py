@@ -31,16 +31,15 @@ from .stages import (
     PROGRESS_DIR,
     Layout,
     Progress,
-    configure_data_context,
     open_dataset,
     plan_layout,
     plan_rows,
     run_workers,
     runner_spec,
+    start_workers,
     stream,
     token_offsets,
     validate_build,
-    worker_pool,
     write_data_hf,
 )
 from .storage import remote_output
@@ -64,7 +63,6 @@ def build(
     from ..store.processor import ProcessorConfig, save_processor, write_total_processed
     from ..store.run_dir import RunDir
     from ..utils.metrics import StageMonitor, dir_bytes
-    from ..utils.ray_env import init_ray
     from .storage import cluster_probe
 
     cfg = as_config(BuildConfig, cfg, **overrides)
@@ -110,10 +108,8 @@ def build(
 
     monitor = StageMonitor("build", len(todo), n, run=run.final.name)
     if len(todo):
-        monitor.ray_seconds = init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
-        configure_data_context()
-        probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
-        pool = worker_pool(cfg.ray)
+        pool = start_workers(cfg.ray, monitor, faults)  # Ray only when the pool needs it
+        probe = None if pool.in_process else cluster_probe(part, cfg.data, cfg.model, faults)
         spec = runner_spec(cfg, pool.device, advantages, rows_plan)
         rows = StoredRows(str(part))  # the workers write the rows; the driver flags them
         out_ds = run_workers(todo, spec, rows, cfg.ray, pool, probe=probe, faults=faults)

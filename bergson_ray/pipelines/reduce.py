@@ -22,15 +22,14 @@ from ..testing.faults import FaultPlan
 from .stages import (
     PROGRESS_DIR,
     Progress,
-    configure_data_context,
     open_dataset,
     plan_layout,
     plan_rows,
     run_workers,
     runner_spec,
+    start_workers,
     stream,
     validate_build,
-    worker_pool,
 )
 from .storage import remote_output
 
@@ -46,13 +45,12 @@ def reduce(
     import ray
 
     from ..actors.batch_worker import PartialSums
-    from ..actors.reducer import Reducer
+    from ..actors.reducer import Reducer, RunningSum
     from ..gradients.preprocess import unit_normalize
     from ..store.gradient_writer import GradientStoreWriter
     from ..store.processor import ProcessorConfig, save_processor, write_total_processed
     from ..store.run_dir import RunDir
     from ..utils.metrics import StageMonitor
-    from ..utils.ray_env import init_ray
     from .placement import driver_node_strategy
     from .storage import cluster_probe
 
@@ -74,18 +72,22 @@ def reduce(
     progress = Progress(part, n)
 
     monitor = StageMonitor("reduce", n, n, run=run.final.name)
-    monitor.ray_seconds = init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
-    configure_data_context()
-    probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
-    pool = worker_pool(cfg.ray)
-    reducer = Reducer.options(scheduling_strategy=driver_node_strategy()).remote(n, layout.dim)
+    pool = start_workers(cfg.ray, monitor, faults)  # Ray only when the pool needs it
+    probe = None if pool.in_process else cluster_probe(part, cfg.data, cfg.model, faults)
+    if pool.in_process:
+        reducer = RunningSum(n, layout.dim)
+    else:
+        reducer = Reducer.options(scheduling_strategy=driver_node_strategy()).remote(n, layout.dim)
     spec = runner_spec(cfg, pool.device, advantages, rows_plan)
     sums = PartialSums(reducer)
     out_ds = run_workers(np.arange(n), spec, sums, cfg.ray, pool, probe=probe, faults=faults)
     for out in stream(out_ds, n, "reduce", monitor=monitor):
         progress.update(out)
-    total, counted, dups = ray.get(reducer.result.remote())
-    ray.kill(reducer)
+    if pool.in_process:
+        total, counted, dups = reducer.result()
+    else:
+        total, counted, dups = ray.get(reducer.result.remote())
+        ray.kill(reducer)
     if counted != n:
         raise RuntimeError(f"reducer counted {counted} of {n} documents")
     if dups:

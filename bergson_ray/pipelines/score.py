@@ -26,15 +26,14 @@ from ..utils.dtypes import torch_dtype
 from .stages import (
     PROGRESS_DIR,
     Progress,
-    configure_data_context,
     open_dataset,
     plan_layout,
     plan_rows,
     run_workers,
     runner_spec,
+    start_workers,
     stream,
     token_offsets,
-    worker_pool,
     write_data_hf,
 )
 from .storage import localize_store, remote_output
@@ -191,7 +190,6 @@ def score(
     from ..store.score_writer import ScoreWriter
     from ..store.topk import TOPK_PARQUET, write_topk_parquet
     from ..utils.metrics import StageMonitor, dir_bytes
-    from ..utils.ray_env import init_ray
     from .storage import cluster_probe
 
     cfg = as_config(ScoreRunConfig, cfg, **overrides)
@@ -236,14 +234,13 @@ def score(
 
     monitor = StageMonitor("score", len(todo), n_rows, run=run.final.name)  # sees dataset rows
     if len(todo):
-        monitor.ray_seconds = init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
-        configure_data_context()
-        probe = cluster_probe(part, cfg.data, cfg.model, faults)  # fail fast: all nodes see it
-        pool = worker_pool(cfg.ray)
+        pool = start_workers(cfg.ray, monitor, faults)  # Ray only when the pool needs it
+        probe = None if pool.in_process else cluster_probe(part, cfg.data, cfg.model, faults)
         index_cfg = dataclasses.replace(cfg, preprocess=index_side_preprocess(cfg.preprocess))
         spec = runner_spec(index_cfg, pool.device, advantages, rows_plan)
         spec.token_influence = cfg.token_influence
-        scores = Scores(ray.put(query.numpy()), cfg.score.score, cfg.score.query_batch_size)
+        bank = query.numpy() if pool.in_process else ray.put(query.numpy())  # fetched once per worker
+        scores = Scores(bank, cfg.score.score, cfg.score.query_batch_size)
         work = todo if cand is None else cand[todo]  # workers see dataset (planned) rows
         out_ds = run_workers(work, spec, scores, cfg.ray, pool, probe=probe, faults=faults)
         for k, out in enumerate(stream(out_ds, len(todo), "score", monitor=monitor)):

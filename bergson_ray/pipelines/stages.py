@@ -106,6 +106,8 @@ class PoolPlan:
     num_gpus: float
     torch_threads: int
     device: str
+    in_process: bool = False
+    """One worker in the driver's process, no Ray (``pipelines/in_process.py``)."""
 
 
 def worker_pool(ray_cfg: RayConfig) -> PoolPlan:
@@ -168,9 +170,15 @@ def index_dataset(indices: np.ndarray, window: int):
     import pyarrow as pa
     import ray
 
+    return ray.data.from_arrow([pa.table({"idx": part}) for part in index_windows(indices, window)])
+
+
+def index_windows(indices: np.ndarray, window: int) -> list[np.ndarray]:
+    """``indices`` cut into at most ``window``-long, near-equal consecutive parts: the
+    batches a worker sees (the Ray dataset's blocks, or the in-process worker's calls)."""
     idx = np.asarray(indices, dtype=np.int64)
     blocks = max(1, min(4096, math.ceil(len(idx) / max(1, window))))
-    return ray.data.from_arrow([pa.table({"idx": part}) for part in np.array_split(idx, blocks)])
+    return np.array_split(idx, blocks)
 
 
 def run_workers(
@@ -179,14 +187,47 @@ def run_workers(
     """``index_dataset(indices)`` mapped through a pool of BatchWorkers producing ``output``
     (``actors/batch_worker.py``: ``Rows``, ``PartialSums`` or ``Scores``).
 
-    The returned dataset is lazy: iterate it with :func:`stream`. Placement (spread over
+    The returned dataset is lazy: iterate it with :func:`stream`. A ``pool`` planned
+    ``in_process`` gives the same batches from one worker in this process. Placement (spread over
     nodes, ``--worker_resources``/``--worker_labels``), ``--fsdp`` groups and the
     per-node storage check (``probe``) are in :func:`.placement.map_workers`.
     """
     from .placement import map_workers
 
+    if pool.in_process:
+        from .in_process import in_process_batches
+
+        windows = index_windows(indices, ray_cfg.window_size)
+        return in_process_batches(windows, spec, output, pool.torch_threads)
     ds = index_dataset(indices, ray_cfg.window_size)
     return map_workers(ds, spec, output, ray_cfg, pool, probe=probe, faults=faults)
+
+
+def start_workers(ray_cfg: RayConfig, monitor=None, faults=None) -> PoolPlan:
+    """Plan the stage's worker pool, starting or joining Ray only when the pool needs it.
+
+    One local worker runs in this process (``--executor auto|process``,
+    ``pipelines/in_process.py``); otherwise Ray is started or joined (its seconds go
+    to ``monitor``, a :class:`~bergson_ray.utils.metrics.StageMonitor`) and the pool
+    is sized for the cluster.
+    """
+    from .in_process import local_device, runs_in_process
+
+    if runs_in_process(ray_cfg, faults):
+        log.info("one worker in this process (no Ray): --executor ray to use a Ray pool")
+        device, threads = local_device(ray_cfg)
+        pool = PoolPlan(1, 0.0, float(device == "cuda"), threads, device, in_process=True)
+    else:
+        from ..utils.ray_env import init_ray
+
+        seconds = init_ray(ray_cfg.address, namespace=ray_cfg.namespace)
+        if monitor is not None:
+            monitor.ray_seconds = seconds
+        configure_data_context()
+        pool = worker_pool(ray_cfg)
+    if monitor is not None:
+        monitor.executor = "process" if pool.in_process else "ray"
+    return pool
 
 
 def configure_data_context() -> None:
@@ -198,6 +239,11 @@ def configure_data_context() -> None:
     ctx.print_on_execution_start = False
     # we turned them off on purpose: Ray Data's "progress bars disabled" notice is not news
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def _is_batch_iterator(ds) -> bool:
+    """``run_workers``' result is a plain iterator of batches (the in-process worker)."""
+    return isinstance(ds, Iterator)
 
 
 def stream(
@@ -213,7 +259,10 @@ def stream(
     bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        batches = ds if _is_batch_iterator(ds) else ds.iter_batches(
+            batch_size=None, batch_format="numpy", prefetch_batches=2
+        )
+        for batch in batches:
             if "error" in batch:
                 raise decode_error(batch["error"][0])
             yield batch

@@ -250,8 +250,7 @@ def _label_probs(cfg: TrakRunConfig, m: Member, steps: Steps) -> None:
     one per row of ``train/`` (the rows the workers make, whatever the data options)."""
     from ..actors.label_probs import LabelProbs
     from ..store.gradient_store import GradientStore
-    from ..utils.ray_env import init_ray
-    from .stages import configure_data_context, run_workers, runner_spec, stream, worker_pool
+    from .stages import run_workers, runner_spec, start_workers, stream
     from .storage import cluster_probe
 
     if steps.done("train_probs"):
@@ -260,10 +259,8 @@ def _label_probs(cfg: TrakRunConfig, m: Member, steps: Steps) -> None:
     final = m.path("train_probs")
     part = _fresh_part(final)
     t0 = time.perf_counter()
-    init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
-    configure_data_context()
-    probe = cluster_probe(part, cfg.data, m.model)
-    pool = worker_pool(cfg.ray)
+    pool = start_workers(cfg.ray)  # Ray only when the pool needs it
+    probe = None if pool.in_process else cluster_probe(part, cfg.data, m.model)
     spec = runner_spec(
         _build_cfg(cfg, m, RunConfig(), cfg.data, PreprocessConfig()), pool.device, None
     )

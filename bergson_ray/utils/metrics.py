@@ -124,6 +124,8 @@ class StageMonitor:
         """Set by the pipeline to what ``init_ray`` took (start-up breakdown)."""
         self.worker_setup = 0.0
         """The slowest worker's set-up (model load, dataset open), from ``setup_s``."""
+        self.executor = "ray"
+        """``ray`` (a Ray actor pool) or ``process`` (one worker in the driver's process)."""
 
     # -- feeding ---------------------------------------------------------------------
     def update(self, batch: dict[str, np.ndarray]) -> None:
@@ -182,6 +184,7 @@ class StageMonitor:
         """What the stage did, for ``summary.json``."""
         s = max(self.seconds, 1e-9)
         out: dict[str, Any] = {
+            "executor": self.executor,
             "rows_received": self.rows,
             "duplicate_rows": self.duplicates,
             "stage_tokens": self.tokens,
@@ -204,7 +207,9 @@ class StageMonitor:
             out["driver_bytes_per_row"] = round(self.driver_bytes / self.rows, 1)
         if self.per_node:
             keyed = any(isinstance(k, int) for k in self.per_node)
-            names = _node_names() if keyed else {}
+            names = _node_names() if keyed and self.executor == "ray" else {}
+            if self.executor == "process":
+                names = {k: "driver" for k in self.per_node}
             named = {str(names.get(k, k)): c for k, c in self.per_node.items()}
             out["rows_per_node"] = dict(sorted(named.items()))
         return out

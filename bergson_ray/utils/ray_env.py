@@ -78,6 +78,28 @@ def init_ray(address: str | None = None, *, namespace: str = "bergson_ray", **kw
     return time.perf_counter() - t0
 
 
+def recorded_local_head() -> str | None:
+    """The address of the ``ray start`` head named in Ray's temp dir
+    (``ray_current_cluster``), alive or not; None when none is recorded."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return find_bootstrap_address(None) or None
+    except Exception:  # noqa: BLE001 - a private Ray API: never fail because of it
+        return None
+
+
+def head_answers(address: str) -> bool:
+    """Whether something listens at a recorded head's ``host:port`` within a second."""
+    from ..errors import BadInputError
+
+    try:
+        check_reachable(address, timeout_s=1.0)
+    except BadInputError:
+        return False
+    return True
+
+
 def stale_local_head() -> str | None:
     """The address of a ``ray start`` head this machine recorded that no longer answers.
 
@@ -86,26 +108,15 @@ def stale_local_head() -> str | None:
     ignores Ctrl-C. A head that answers is joined as before (reusing a running Ray saves
     its start-up); a dead one is reported and a fresh local Ray is started instead.
     """
-    try:
-        from ray._private.services import find_bootstrap_address
-
-        recorded = find_bootstrap_address(None)
-    except Exception:  # noqa: BLE001 - a private Ray API: never fail because of it
+    recorded = recorded_local_head()
+    if not recorded or head_answers(recorded):
         return None
-    if not recorded:
-        return None
-    from ..errors import BadInputError
-
-    try:
-        check_reachable(recorded, timeout_s=1.0)
-    except BadInputError:
-        log.warning(
-            "the Ray head recorded at %s is gone; starting a fresh local Ray (`ray stop` "
-            "removes the leftovers of the dead one)",
-            recorded,
-        )
-        return recorded
-    return None
+    log.warning(
+        "the Ray head recorded at %s is gone; starting a fresh local Ray (`ray stop` "
+        "removes the leftovers of the dead one)",
+        recorded,
+    )
+    return recorded
 
 
 def check_reachable(address: str, timeout_s: float = 3.0) -> None:

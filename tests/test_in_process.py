@@ -1,0 +1,118 @@
+"""One local worker in the driver's process (``--executor process``, the default for a
+fresh single-worker local run) computes exactly what a Ray actor pool computes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import subprocess_env
+
+from bergson_ray.config import RayConfig
+from bergson_ray.errors import BadInputError
+from bergson_ray.pipelines import in_process
+from bergson_ray.pipelines.build import build
+from bergson_ray.pipelines.reduce import reduce
+from bergson_ray.pipelines.score import score
+from bergson_ray.store.gradient_store import GradientStore
+from bergson_ray.store.score_store import ScoreStore
+
+N = 12
+COMMON = dict(dataset="tiny", split=f"train[:{N}]", projection_dim=8, truncation=True, window_size=5)
+
+
+def summary(run) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.ray
+def test_process_and_ray_pools_write_the_same_bytes(tmp_path, ray_session, tiny_assets):
+    """build, score and reduce: the in-process worker against a one-worker Ray pool."""
+    runs = {}
+    for ex in ("process", "ray"):
+        b = build(run_path=tmp_path / f"b_{ex}", executor=ex, num_workers=1, **COMMON)
+        s = score(run_path=tmp_path / f"s_{ex}", executor=ex, query_path=str(b), **COMMON)
+        r = reduce(run_path=tmp_path / f"r_{ex}", executor=ex, **COMMON)
+        runs[ex] = (b, s, r)
+        assert {summary(x)["executor"] for x in (b, s, r)} == {ex}
+    (bp, sp, rp), (br, sr, rr) = runs["process"], runs["ray"]
+    assert (bp / "gradients.bin").read_bytes() == (br / "gradients.bin").read_bytes()
+    # Scoring multiplies a whole batch of rows by the queries: Ray Data may re-cut the
+    # batches, and BLAS rounds a row differently in another batch shape (last bits only).
+    got, want = ScoreStore.open(sp).scores, ScoreStore.open(sr).scores
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+    one = [GradientStore.open(x).rows(np.arange(1)).numpy() for x in (rp, rr)]
+    np.testing.assert_allclose(*one, rtol=1e-6)
+    assert summary(bp)["startup"]["ray_start_s"] == 0.0
+    assert summary(bp)["rows_per_node"] == {"driver": N}
+
+
+def test_auto_runs_in_process_only_where_ray_would_start_for_one_worker(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(in_process, "_live_local_head", lambda: False)
+    monkeypatch.setattr(in_process, "_local_gpus", lambda: 0)
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert in_process.runs_in_process(RayConfig())
+    assert in_process.runs_in_process(RayConfig(num_workers=1))
+    assert not in_process.runs_in_process(RayConfig(num_workers=2))
+    assert not in_process.runs_in_process(RayConfig(executor="ray"))
+    assert not in_process.runs_in_process(RayConfig(), faults=object())  # tests of Ray's restarts
+    assert not in_process.runs_in_process(RayConfig(executor="process"), faults=object())
+    assert not in_process.runs_in_process(RayConfig(fsdp=True))
+    assert not in_process.runs_in_process(RayConfig(worker_resources="big=1"))
+    assert not in_process.runs_in_process(RayConfig(address="127.0.0.1:6379"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not in_process.runs_in_process(RayConfig())
+    assert in_process.runs_in_process(RayConfig(executor="process"))  # asked for explicitly
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(in_process, "_local_gpus", lambda: 2)  # one worker per GPU: Ray
+    assert not in_process.runs_in_process(RayConfig())
+    monkeypatch.setattr(in_process, "_local_gpus", lambda: 0)
+    monkeypatch.setattr(in_process, "_live_local_head", lambda: True)  # `ray start` kept up
+    assert not in_process.runs_in_process(RayConfig())
+    if ray is not None:
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)
+        monkeypatch.setattr(in_process, "_live_local_head", lambda: False)
+        assert not in_process.runs_in_process(RayConfig())  # a caller's own Ray is used
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(num_workers=2), "--executor process runs one worker"),
+        (dict(fsdp=True), "cannot shard with --fsdp"),
+        (dict(address="127.0.0.1:1"), "runs without Ray"),
+    ],
+)
+def test_process_executor_refuses_what_needs_ray(kw, words):
+    with pytest.raises(BadInputError, match=words):
+        RayConfig(executor="process", **kw)
+
+
+def test_cli_build_starts_no_ray(tmp_path, tiny_assets):
+    """A plain one-worker ``build`` on this machine: no Ray process is started, the thread
+    count follows the machine, and the summary says where it ran."""
+    code = (
+        "import sys\n"
+        "from bergson_ray.cli.main import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "print('RAY_IMPORTED' if 'ray' in sys.modules and sys.modules['ray'].is_initialized() else 'NO_RAY')\n"
+        "sys.exit(rc)\n"
+    )
+    run = tmp_path / "b"
+    out = subprocess.run(
+        [sys.executable, "-c", code, "build", str(run), "--dataset", "tiny",
+         "--split", "train[:6]", "--projection_dim", "4", "--truncation", "true"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        cwd=os.getcwd(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "NO_RAY"
+    s = summary(run)
+    assert s["executor"] == "process" and s["rows"] == 6
