@@ -1,5 +1,6 @@
 """One local worker in the driver's process (``--executor process``, the default for a
-fresh single-worker local run) computes exactly what a Ray actor pool computes."""
+fresh single-worker local run) computes what a Ray actor pool computes: the same store
+bytes, and scores and sums equal to the last bits."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def summary(run) -> dict:
 
 
 @pytest.mark.ray
-def test_process_and_ray_pools_write_the_same_bytes(tmp_path, ray_session, tiny_assets):
+def test_process_and_ray_pools_give_the_same_results(tmp_path, ray_session, tiny_assets):
     """build, score and reduce: the in-process worker against a one-worker Ray pool."""
     runs = {}
     for ex in ("process", "ray"):
