@@ -68,14 +68,14 @@ def test_worker_pool_on_an_autoscaling_cluster(
 ):
     """``--num_workers 0`` with no GPU up yet: a warning, and GPU workers when GPUs can come."""
     from bergson_ray.config import RayConfig
-    from bergson_ray.pipelines import placement, stages
+    from bergson_ray.pipelines import placement, workers
     from bergson_ray.utils import ray_env
 
     monkeypatch.setattr(placement, "gpu_capacity", lambda: (gpus, possible))
     monkeypatch.setattr(ray_env, "cluster_cpus", lambda: 8.0)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     with caplog.at_level("WARNING"):
-        pool = stages.worker_pool(RayConfig(num_workers=0, worker_device=device))
+        pool = workers.worker_pool(RayConfig(num_workers=0, worker_device=device))
     assert pool.device == want_device and pool.size == max(1, gpus)
     if warns:
         assert warns in caplog.text

@@ -50,16 +50,16 @@ def test_more_workers_than_a_local_ray_can_place_are_capped(monkeypatch):
     """``--num_workers 64`` on a 2-CPU local Ray used to wait forever for CPUs that never
     come; a local Ray never grows, so the pool is capped (a cluster only gets a warning)."""
     from bergson_ray.config import RayConfig
-    from bergson_ray.pipelines import placement, stages
+    from bergson_ray.pipelines import placement, workers
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray_env, "cluster_cpus", lambda: 2.0)
     monkeypatch.setattr(placement, "gpu_capacity", lambda: (0, 0))
-    assert stages.worker_pool(RayConfig(num_workers=64)).size == 4
-    assert stages.worker_pool(RayConfig(num_workers=3)).size == 3
-    assert stages.worker_pool(RayConfig(num_workers=64, cpus_per_worker=1)).size == 2
+    assert workers.worker_pool(RayConfig(num_workers=64)).size == 4
+    assert workers.worker_pool(RayConfig(num_workers=3)).size == 3
+    assert workers.worker_pool(RayConfig(num_workers=64, cpus_per_worker=1)).size == 2
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6399")
-    assert stages.worker_pool(RayConfig(num_workers=64)).size == 64
+    assert workers.worker_pool(RayConfig(num_workers=64)).size == 64
 
 
 def test_a_remote_traceback_prints_as_its_last_sentence(capsys):

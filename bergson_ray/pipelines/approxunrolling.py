@@ -689,7 +689,7 @@ def approxunrolling(
     """
     from ..actors.unrolling_worker import UnrollingPool, UnrollingSpec
     from ..utils.ray_env import init_ray
-    from .stages import worker_pool
+    from .workers import worker_pool
 
     cfg = _with_query_default(as_config(ApproxUnrollingRunConfig, cfg, **overrides))
     if not cfg.run.run_path:

@@ -34,15 +34,13 @@ from .stages import (
     open_dataset,
     plan_layout,
     plan_rows,
-    run_workers,
     runner_spec,
-    start_workers,
-    stream,
     token_offsets,
     validate_build,
     write_data_hf,
 )
 from .storage import remote_output
+from .workers import run_workers, start_workers, stream
 
 log = logging.getLogger(__name__)
 

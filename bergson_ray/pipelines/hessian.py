@@ -35,7 +35,8 @@ import numpy as np
 from ..config import HessianRunConfig, as_config
 from ..errors import BadInputError
 from ..testing.faults import FaultPlan
-from .stages import configure_data_context, meta_model, plan_rows
+from .stages import meta_model, plan_rows
+from .workers import configure_data_context
 
 log = logging.getLogger(__name__)
 

@@ -147,7 +147,7 @@ def solve_queries(
     from ..store.processor import ProcessorConfig, save_processor
     from ..store.run_dir import RunDir
     from ..utils.ray_env import init_ray
-    from .stages import worker_pool
+    from .workers import worker_pool
 
     t0 = time.perf_counter()
     store = GradientStore.open(query_path)

@@ -93,7 +93,7 @@ def write_scores(path: Path, columns: list[np.ndarray], shape: DataShape, per_to
 def magic(cfg: MagicRunConfig | dict | None = None, *, faults: Any = None, **overrides: Any) -> Path:
     """Run ``magic`` and return the committed run directory (``faults``: tests only)."""
     from ..utils.ray_env import init_ray
-    from .stages import worker_pool
+    from .workers import worker_pool
 
     cfg = as_config(MagicRunConfig, cfg, **overrides)
     precheck(cfg)

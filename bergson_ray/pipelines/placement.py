@@ -60,7 +60,7 @@ def map_workers(ds, spec, output, ray_cfg, pool, *, probe=None, faults=None):
 
     ``spec`` is the :class:`~bergson_ray.runners.gradient_runner.RunnerSpec`, ``output``
     one of ``actors/batch_worker.py``'s outputs, ``pool`` the
-    :class:`~bergson_ray.pipelines.stages.PoolPlan`, ``probe`` the storage probe every
+    :class:`~bergson_ray.pipelines.workers.PoolPlan`, ``probe`` the storage probe every
     worker re-checks on its node (None skips it), ``faults`` a test-only
     :class:`~bergson_ray.testing.faults.FaultPlan`.
     """

@@ -25,13 +25,11 @@ from .stages import (
     open_dataset,
     plan_layout,
     plan_rows,
-    run_workers,
     runner_spec,
-    start_workers,
-    stream,
     validate_build,
 )
 from .storage import remote_output
+from .workers import run_workers, start_workers, stream
 
 log = logging.getLogger(__name__)
 

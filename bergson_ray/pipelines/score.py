@@ -29,14 +29,12 @@ from .stages import (
     open_dataset,
     plan_layout,
     plan_rows,
-    run_workers,
     runner_spec,
-    start_workers,
-    stream,
     token_offsets,
     write_data_hf,
 )
 from .storage import localize_store, remote_output
+from .workers import run_workers, start_workers, stream
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 from ..config import HessianRunConfig
 from ..errors import BergsonRayError, StoreError, unwrap
 from ..testing.faults import FaultPlan
-from .stages import worker_pool
+from .workers import worker_pool
 
 log = logging.getLogger(__name__)
 

@@ -250,8 +250,9 @@ def _label_probs(cfg: TrakRunConfig, m: Member, steps: Steps) -> None:
     one per row of ``train/`` (the rows the workers make, whatever the data options)."""
     from ..actors.label_probs import LabelProbs
     from ..store.gradient_store import GradientStore
-    from .stages import run_workers, runner_spec, start_workers, stream
+    from .stages import runner_spec
     from .storage import cluster_probe
+    from .workers import run_workers, start_workers, stream
 
     if steps.done("train_probs"):
         return

@@ -281,7 +281,7 @@ def validate(cfg: ValidateConfig | dict | None = None, *, retrainer: Any = None,
     import dataclasses
 
     from ..utils.ray_env import init_ray
-    from .stages import worker_pool
+    from .workers import worker_pool
 
     cfg = as_config(ValidateConfig, cfg, **overrides)
     spec = retrainer if retrainer is not None else _default_spec(cfg)

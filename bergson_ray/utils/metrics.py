@@ -206,10 +206,11 @@ class StageMonitor:
         if self.rows:
             out["driver_bytes_per_row"] = round(self.driver_bytes / self.rows, 1)
         if self.per_node:
-            keyed = any(isinstance(k, int) for k in self.per_node)
-            names = _node_names() if keyed and self.executor == "ray" else {}
             if self.executor == "process":
                 names = {k: "driver" for k in self.per_node}
+            else:
+                keyed = any(isinstance(k, int) for k in self.per_node)
+                names = _node_names() if keyed else {}
             named = {str(names.get(k, k)): c for k, c in self.per_node.items()}
             out["rows_per_node"] = dict(sorted(named.items()))
         return out
