@@ -1,7 +1,9 @@
-"""Wall time and per-shard memory of KFAC and EK-FAC fits for K = 1, 2, 4 shards.
+"""Wall time and per-shard memory of KFAC and EK-FAC fits, in process and on Ray.
 
 Runs ``bergson-ray hessian --method kfac [--ev_correction]`` on the tiny default
-model and corpus with K HessianShard actors, and, when the anchor venv exists
+model and corpus, with one worker and K shards in the command's own process (no Ray,
+what a user on one machine gets by default) or on a private local Ray with K
+HessianShard actors, and, when the anchor venv exists
 (``bash scripts/bergson_anchor.sh``), ``bergson hessian --method
 kfac [--ev_correction true]`` on the same model and documents. Runs alternate
 so a busy machine affects both programs alike.
@@ -12,12 +14,15 @@ eigendecompositions: ours from ``summary.json``, bergson's from its progress
 bars), peak RSS of the whole process tree, and per shard the tensor bytes it
 holds and its process's peak RSS. Ratios are bergson_ray / bergson.
 
-Each of our runs starts its own local Ray (``--address local``): a plain
+Each of our Ray runs starts its own local Ray (``--address local``): a plain
 ``ray.init()`` would attach to any Ray cluster already running on the machine.
 On a shared machine timings swing several-fold; with ``--reps N`` the table
 shows the fastest of the N runs of each configuration (the least disturbed).
 
-    python benchmarks/hessian_fit.py [--split 'train[:400]'] [--shards 1,2,4] [--reps 1]
+    python benchmarks/hessian_fit.py [--split 'train[:400]'] [--variants process1,ray1,ray2,ray4] [--reps 1]
+
+``--variants``: ``processK`` runs in process (``--executor process``) with K shards,
+``rayK`` on Ray with K shard actors.
 """
 
 from __future__ import annotations
@@ -56,11 +61,13 @@ def bar_seconds(text: str, labels: tuple[str, ...]) -> float | None:
     return sum(last.values()) if last else None
 
 
-def ours(model: str, data: str, split: str, out: Path, shards: int, ev: bool) -> dict:
+def ours(model: str, data: str, split: str, out: Path, variant: str, ev: bool) -> dict:
     exe = Path(sys.executable).with_name("bergson-ray")
+    shards = variant.removeprefix("process").removeprefix("ray")
+    where = ["--executor", "process"] if variant.startswith("process") else ["--address", "local"]
     cmd = [str(exe), "hessian", str(out), "--method", "kfac", "--ev_correction", str(ev).lower(),
-           "--model", model, "--dataset", data, "--split", split, "--num_shards", str(shards),
-           "--token_batch_size", str(TOKEN_BATCH), "--address", "local", "--overwrite"]  # fmt: skip
+           "--model", model, "--dataset", data, "--split", split, "--num_shards", shards,
+           "--token_batch_size", str(TOKEN_BATCH), *where, "--overwrite"]  # fmt: skip
     r = run_timed(cmd, ENV)
     if r["rc"] == 0:
         s = json.loads((out / "summary.json").read_text())
@@ -96,7 +103,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--split", default="train[:400]", help="documents of the tiny corpus to fit on")
-    ap.add_argument("--shards", default="1,2,4")
+    ap.add_argument("--variants", default="process1,ray1,ray2,ray4",
+                    help="processK: in process with K shards; rayK: K shard actors on Ray")  # fmt: skip
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--no-bergson", action="store_true")
     ap.add_argument("--json", help="also write all results here")
@@ -106,7 +114,7 @@ def main() -> int:
 
     assets = ensure_tiny_assets()
     model, data = str(assets.model_dir), str(assets.corpus_dir)
-    shard_counts = [int(k) for k in args.shards.split(",")]
+    variants = args.variants.split(",")
     have_bergson = bergson_cli() is not None and not args.no_bergson
     tmp = Path(tempfile.mkdtemp(prefix="hessian_bench_"))
     print(
@@ -130,7 +138,7 @@ def main() -> int:
                         f"peak tree {r['peak_mib']:.0f} MiB",
                         flush=True,
                     )
-                for k in shard_counts:
+                for k in variants:
                     r = ours(model, data, args.split, tmp / f"o_{ev}_{k}", k, ev)
                     results.append(
                         {"prog": "bergson_ray", "method": label, "shards": k, "rep": rep, **r}
@@ -139,7 +147,7 @@ def main() -> int:
                         print(r["output"][-3000:])
                         continue
                     print(
-                        f"bergson_ray {label} K={k}: wall {r['wall']:.1f}s fit {r['fit']:.1f}s "
+                        f"bergson_ray {label} {k}: wall {r['wall']:.1f}s fit {r['fit']:.1f}s "
                         f"{r['phases']} peak tree {r['peak_mib']:.0f} MiB; per shard tensors "
                         f"{[round(x, 1) for x in r['shard_tensor_mib']]} MiB, "
                         f"RSS {[round(x) for x in r['shard_rss_mib']]} MiB",
@@ -150,7 +158,7 @@ def main() -> int:
 
     print("\n(best of", args.reps, "run(s) per configuration)")
     print(
-        "| program | method | K | wall s | fit s | peak tree MiB | max shard tensors MiB |"
+        "| program | method | where, K | wall s | fit s | peak tree MiB | max shard tensors MiB |"
         " max shard RSS MiB | wall ratio | fit ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")

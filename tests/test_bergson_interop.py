@@ -19,15 +19,15 @@ Skipped when the anchor venv or its tiny assets are absent: create them with
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import textwrap
 from pathlib import Path
 
+import anchor
 import numpy as np
 import pytest
 import torch
+from anchor import DATA, MODEL, RUNS, needs_anchor
 
 from bergson_ray.config import (
     BatchConfig,
@@ -55,89 +55,17 @@ from bergson_ray.store.run_dir import RunDir
 from bergson_ray.store.score_store import ScoreStore
 from bergson_ray.store.score_writer import ScoreWriter
 
-ROOT = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-PY = ROOT / "anchor-venv" / "bin" / "python"
-BERGSON = ROOT / "anchor-venv" / "bin" / "bergson"
-MODEL = ROOT / "models" / "tiny-neox-trained"
-DATA = ROOT / "data"
-RUNS = ROOT / "interop-runs"
-
-pytestmark = pytest.mark.skipif(
-    not (PY.exists() and BERGSON.exists() and (MODEL / "model.safetensors").exists()),
-    reason=(
-        f"bergson anchor venv/assets not found under {ROOT}; run "
-        "`bash scripts/bergson_anchor.sh` to enable these tests"
-    ),
-)
-
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONWARNINGS": "ignore",
-}
-
-_COMMON = ["--model", str(MODEL), "--projection_dim", "16", "--truncation", "--overwrite", "true"]
-_PYDOC = ["--dataset", str(DATA / "pydoc")]
-# name -> bergson CLI arguments after the run path (dependencies first)
-BERGSON_RUNS: dict[str, list[str]] = {
-    "build_p16": ["build", *_PYDOC, "--split", "train[:40]", *_COMMON],
-    "build_tokens": ["build", *_PYDOC, "--split", "train[:8]", "--attribute_tokens", "true", *_COMMON],
-    "build_bf16": ["build", *_PYDOC, "--split", "train[:8]", "--precision", "bf16", *_COMMON],
-    "query_p16": ["build", "--dataset", str(DATA / "pydoc_query"), "--split", "train[:3]", *_COMMON],
-    "reduce_mean": [
-        "reduce", "--dataset", str(DATA / "pydoc_query"), "--split", "train[:3]",
-        "--aggregation", "mean", *_COMMON,
-    ],
-    "score_p16": [
-        "score", "--query_path", "{RUNS}/query_p16", "--score", "individual",
-        *_PYDOC, "--split", "train[:20]", *_COMMON,
-    ],
-    "score_bf16": [
-        "score", "--query_path", "{RUNS}/query_p16", "--score_cfg.precision", "bf16",
-        *_PYDOC, "--split", "train[:10]", *_COMMON,
-    ],
-    "score_tokens": [
-        "score", "--query_path", "{RUNS}/query_p16", "--attribute_tokens", "true",
-        *_PYDOC, "--split", "train[:6]", *_COMMON,
-    ],
-}  # fmt: skip
-
-
-def _bergson(name: str, args: list[str], out: Path) -> None:
-    cmd = [str(BERGSON), args[0], str(out), *(a.replace("{RUNS}", str(RUNS)) for a in args[1:])]
-    log = RUNS / f"{out.name}.log"
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=RUNS)
-    if proc.returncode != 0:
-        tail = log.read_text()[-3000:]
-        pytest.fail(f"bergson {args[0]} for {name} failed (rc={proc.returncode}):\n{tail}")
-
+pytestmark = needs_anchor
 
 @pytest.fixture(scope="session")
 def bergson_runs() -> dict[str, Path]:
-    """bergson's CLI outputs, produced once and cached (a finished run dir = done)."""
-    RUNS.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name, args in BERGSON_RUNS.items():
-        path = RUNS / name
-        if not (path / "info.json").exists():
-            _bergson(name, args, path)
-        out[name] = path
-    return out
+    """bergson's CLI outputs (``anchor.CLI_RUNS``), produced once and cached."""
+    return anchor.cli_runs()
 
 
-def anchor(script: str, *args: str) -> dict:
+def in_bergson(script: str, *args: str) -> dict:
     """Run ``script`` in bergson's venv; it prints one JSON object as its last line."""
-    proc = subprocess.run(
-        [str(PY), "-c", textwrap.dedent(script), *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    proc = anchor.run(["python", "-c", textwrap.dedent(script), *args], timeout=300)
     if proc.returncode != 0:
         pytest.fail(f"anchor script failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -175,7 +103,7 @@ SCORE_RUNS = ["score_p16", "score_bf16", "score_tokens"]
 def reference(bergson_runs, tmp_path_factory) -> tuple[dict, Path]:
     """What bergson's own loaders return for its runs (one subprocess for all)."""
     out = tmp_path_factory.mktemp("bergson_reference")
-    meta = anchor(
+    meta = in_bergson(
         _DUMP_REFERENCE, str(RUNS), str(out), ",".join(GRADIENT_RUNS), ",".join(SCORE_RUNS)
     )
     return meta, out
@@ -333,7 +261,7 @@ def test_bergson_reads_our_stores(tmp_path):
     )
     write_total_processed(tmp_path / "proc", 777)
 
-    res = anchor(_LOAD_OURS, str(tmp_path))
+    res = in_bergson(_LOAD_OURS, str(tmp_path))
 
     for dtype in ("float32", "float16", "bfloat16"):
         got = np.load(tmp_path / f"g_{dtype}.out.npy")
@@ -382,7 +310,7 @@ print("{}")
 
 def test_we_read_bergson_processor_files(tmp_path):
     """Normalizers/Hessians written by bergson's own GradientProcessor.save."""
-    anchor(_BERGSON_PROCESSOR, str(tmp_path))
+    in_bergson(_BERGSON_PROCESSOR, str(tmp_path))
     state = load_processor(tmp_path)
     assert state.config.projection_dim == 8 and state.config.projection_version == 2
     assert state.normalizers["a"].kind == "AdamNormalizer"
@@ -411,9 +339,9 @@ def test_bergson_scores_against_our_copy_of_its_query_index(bergson_runs, tmp_pa
     shutil.copytree(src.path / "data.hf", rd.path / "data.hf")
     rd.commit()
 
-    args = list(BERGSON_RUNS["score_p16"])
+    args = list(anchor.CLI_RUNS["score_p16"])
     args[args.index("{RUNS}/query_p16")] = str(ours)
-    _bergson("score_on_ours", args, tmp_path / "score_on_ours")
+    anchor.bergson_cli("score_on_ours", args, tmp_path / "score_on_ours")
     theirs = ScoreStore.open(bergson_runs["score_p16"])
     again = ScoreStore.open(tmp_path / "score_on_ours")
     assert again.is_complete()
@@ -454,7 +382,7 @@ def test_bergson_reads_our_config_yaml(tmp_path):
     _write_build_config(rd, cfg)
     rd.commit()
 
-    res = anchor(_BERGSON_READS_OUR_CONFIG, str(tmp_path / "run"))
+    res = in_bergson(_BERGSON_READS_OUR_CONFIG, str(tmp_path / "run"))
     pre = res["pre"]
     assert pre["unit_normalize"] is True and pre["hessian_path"] == "/runs/hess"
     assert pre["inversion_cfg"]["inversion"] == "pseudoinverse"
@@ -511,9 +439,9 @@ def test_bergson_scores_against_a_query_store_we_built(bergson_runs, tmp_path):
     # both directions agree the projections match: our score accepts bergson's store too
     check_query_compatible(bergson_runs["query_p16"], ScoreRunConfig(grad=cfg.grad))
 
-    args = list(BERGSON_RUNS["score_p16"])
+    args = list(anchor.CLI_RUNS["score_p16"])
     args[args.index("{RUNS}/query_p16")] = str(tmp_path / "query_ours")
-    _bergson("score_on_our_build", args, tmp_path / "score_on_our_build")
+    anchor.bergson_cli("score_on_our_build", args, tmp_path / "score_on_our_build")
     again = ScoreStore.open(tmp_path / "score_on_our_build")
     assert again.is_complete()
     np.testing.assert_allclose(

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 from pathlib import Path
 
+import anchor
 import numpy as np
 import pytest
 import torch
+from anchor import RUNS
 from helpers import pad_batch, random_docs, tiny_gpt2, tiny_neox
 
 from bergson_ray.config import GradientConfig, ScoreRunConfig, as_config
@@ -285,14 +285,13 @@ def test_earlier_run_of_another_dataset_fails_before_any_work(runs):
     assert not (runs["root"] / "bad.part").exists()  # nothing left to --overwrite
 
 
-@pytest.mark.ray
-def test_two_module_partitions_write_the_same_factors(ray_session, tmp_path):
+def test_two_module_partitions_write_the_same_factors(tmp_path):
     from safetensors.torch import load_file
 
     from bergson_ray.pipelines.hessian import hessian
 
-    kw = dict(dataset="tiny", split="train[:4]", truncation=True, num_workers=1, method="kfac",
-              ev_correction=True, modules=["layers.0.attention.*"])
+    kw = dict(dataset="tiny", split="train[:4]", truncation=True, executor="process",
+              method="kfac", ev_correction=True, modules=["layers.0.attention.*"])
     # one partition: 2 shards write 2 files; two: 1 module and 1 shard each, still 2 files
     one = hessian(run_path=tmp_path / "one", **kw)
     two = hessian(run_path=tmp_path / "two", module_partitions=2, **kw)
@@ -307,27 +306,21 @@ def test_two_module_partitions_write_the_same_factors(ray_session, tmp_path):
 
 
 # -------------------------------------------------------------- bergson's own files
-ANCHOR = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-BERGSON = ANCHOR / "anchor-venv" / "bin" / "bergson"
-RUNS = ANCHOR / "interop-runs"
 
 
-@pytest.mark.skipif(
-    not (BERGSON.exists() and (RUNS / "score_p16" / "info.json").exists()),
-    reason="bergson anchor venv or its cached score_p16 run (tests/test_bergson_interop.py) is absent",
-)
+@anchor.needs_anchor
 def test_we_read_bergsons_candidate_store(tmp_path):
     """bergson's ``--scores score_p16 --top_k 3`` store: its rows are ours, its values its
     own; and bergson's ``load_scores`` reads the candidate rows of a store we write."""
+    anchor.cli_runs(["score_p16"])  # and the query it scores against
     out = RUNS / "score_candidates_top3"
     if not (out / "info.json").exists():
-        q = ANCHOR / "models" / "tiny-neox-trained"
-        cmd = [str(BERGSON), "score", str(out), "--query_path", str(RUNS / "query_p16"),
-               "--dataset", str(ANCHOR / "data" / "pydoc"), "--split", "train[:20]", "--model", str(q),
+        q = anchor.MODEL
+        cmd = ["bergson", "score", str(out), "--query_path", str(RUNS / "query_p16"),
+               "--dataset", str(anchor.DATA / "pydoc"), "--split", "train[:20]", "--model", str(q),
                "--projection_dim", "16", "--truncation", "--overwrite", "true",
                "--scores", str(RUNS / "score_p16"), "--top_k", "3"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        subprocess.run(cmd, check=True, env=env, cwd=RUNS, capture_output=True, timeout=600)
+        anchor.run(cmd, cwd=RUNS, timeout=600).check_returncode()
     theirs, full = ScoreStore.open(out), ScoreStore.open(RUNS / "score_p16")
     mine = select_candidates(CandidateConfig(str(RUNS / "score_p16"), top_k=3), full.num_rows)
     assert theirs.candidates is not None and np.array_equal(theirs.row_ids, mine)
@@ -347,7 +340,6 @@ def test_we_read_bergsons_candidate_store(tmp_path):
         "s = load_scores(Path(sys.argv[1]));"
         "print(json.dumps([s.candidates.tolist(), np.asarray(s[:]).ravel().tolist()]))"
     )
-    py = ANCHOR / "anchor-venv" / "bin" / "python"
-    res = subprocess.run([str(py), "-c", script, str(ours)], capture_output=True, text=True, timeout=300)
+    res = anchor.run(["python", "-c", script, str(ours)], timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == [[3, 8], [1.5, -2.0]]

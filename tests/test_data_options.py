@@ -11,15 +11,15 @@ anchor venv).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import textwrap
 from pathlib import Path
 
+import anchor
 import datasets
 import numpy as np
 import pytest
 import torch
+from anchor import needs_venv
 from helpers import pad_batch, random_docs, rel, tiny_neox
 
 from bergson_ray.config import BatchConfig, BuildConfig, DataConfig, GradientConfig, as_config
@@ -387,9 +387,6 @@ def test_max_tokens_runner_reads_the_planned_rows(tiny_assets):
 
 # ----------------------------------------------------------------------------- interop
 
-ROOT = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-ANCHOR_PY = ROOT / "anchor-venv" / "bin" / "python"
-
 BERGSON_SIDE = """
 import json, sys, types
 import datasets
@@ -409,7 +406,7 @@ print(json.dumps({"input_ids": list(chunked["input_ids"]), "doc_ids": list(chunk
 """
 
 
-@pytest.mark.skipif(not ANCHOR_PY.exists(), reason=f"bergson anchor venv not found under {ROOT}")
+@needs_venv
 def test_bergson_chunks_and_caps_the_same_rows(tiny_assets, tok):
     """bergson's own tokenize_and_chunk and filter_by_max_tokens, on the same texts and
     lengths, give our chunks, doc_ids and capped rows."""
@@ -417,10 +414,7 @@ def test_bergson_chunks_and_caps_the_same_rows(tiny_assets, tok):
     texts = texts[:3] + ["", "  "] + texts[3:]
     caps = [([5, 3, 4, 2], 11), ([5, 1, 4, 2], 7), ([2, 3], 14), ([2, 3], 15), ([4, 1], 14)]
     args = {"tokenizer": str(tiny_assets.model_dir), "texts": texts, "chunk_length": 40, "caps": caps}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([str(ANCHOR_PY), "-c", BERGSON_SIDE, json.dumps(args)], env=env,
-                         capture_output=True, text=True, timeout=540)
+    out = anchor.run(["python", "-c", BERGSON_SIDE, json.dumps(args)], timeout=540)
     assert out.returncode == 0, out.stderr[-2000:]
     theirs = json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -14,44 +14,26 @@ without the anchor (``bash scripts/bergson_anchor.sh``).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import textwrap
 from pathlib import Path
 
+import anchor
 import pytest
 import torch
+from anchor import MODEL, RUNS, needs_anchor
 from helpers import rel
 from safetensors.torch import load_file, save_file
 
 from bergson_ray.hessians.factored_io import read_factored
 from bergson_ray.hessians.preconditioner import load_preconditioner
 
-ROOT = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-PY = ROOT / "anchor-venv" / "bin" / "python"
-BERGSON = ROOT / "anchor-venv" / "bin" / "bergson"
-MODEL = ROOT / "models" / "tiny-neox-trained"
-DATA = ROOT / "data" / "pydoc"
-RUNS = ROOT / "interop-runs"
+DATA = anchor.DATA / "pydoc"
 SPLIT = "train[:16]"
 
 pytestmark = [
-    pytest.mark.ray,
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not (PY.exists() and BERGSON.exists() and (MODEL / "model.safetensors").exists()),
-        reason=f"bergson anchor venv/assets not found under {ROOT}",
-    ),
+    needs_anchor,
 ]
-
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONWARNINGS": "ignore",
-}
 
 _APPLY = """
 import sys, torch
@@ -78,26 +60,25 @@ def bergson_run() -> Path:
     if not (path / "eigenvalue_correction_sharded").exists():
         RUNS.mkdir(parents=True, exist_ok=True)
         cmd = [
-            str(BERGSON), "hessian", str(path), "--method", "kfac", "--ev_correction", "true",
+            "bergson", "hessian", str(path), "--method", "kfac", "--ev_correction", "true",
             "--use_dataset_labels", "true", "--model", str(MODEL), "--dataset", str(DATA),
             "--split", SPLIT, "--overwrite", "true",
         ]  # fmt: skip
         log = RUNS / "hessian_kfac_ev.log"
-        with log.open("w") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=RUNS)
+        proc = anchor.run(cmd, cwd=RUNS, log=log)
         if proc.returncode != 0:
             pytest.fail(f"bergson hessian failed:\n{log.read_text()[-3000:]}")
     return path
 
 
 @pytest.fixture(scope="module")
-def our_run(ray_session, tmp_path_factory) -> Path:
+def our_run(tmp_path_factory) -> Path:
     from bergson_ray.pipelines.hessian import hessian
 
     return hessian(
         run_path=str(tmp_path_factory.mktemp("interop") / "ours"),
         model=str(MODEL), dataset=str(DATA), split=SPLIT, method="kfac", ev_correction=True,
-        use_dataset_labels=True, num_shards=3, window_size=8,
+        use_dataset_labels=True, num_shards=3, window_size=8, executor="process",
     )  # fmt: skip
 
 
@@ -120,10 +101,10 @@ def _apply_both(path: Path, tmp_path: Path):
     g = torch.Generator().manual_seed(0)
     grads = {m: torch.randn(2, kf.shape[0] * kf.shape[1], generator=g) for m, kf in facs.items()}
     save_file(grads, str(tmp_path / "g.safetensors"))
-    proc = subprocess.run(
-        [str(PY), "-c", textwrap.dedent(_APPLY), str(path), str(tmp_path / "g.safetensors"),
+    proc = anchor.run(
+        ["python", "-c", textwrap.dedent(_APPLY), str(path), str(tmp_path / "g.safetensors"),
          str(tmp_path / "out.safetensors")],
-        capture_output=True, text=True, env=ENV, timeout=300,
+        timeout=300,
     )  # fmt: skip
     if proc.returncode != 0:
         pytest.fail(f"bergson apply failed:\n{proc.stderr[-3000:]}")

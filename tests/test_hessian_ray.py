@@ -107,7 +107,7 @@ def test_invariance(base_run, tmp_path, name, kw):
 
 def test_shampoo_depends_on_batching_by_construction(ray_session, tmp_path):
     """Shampoo sums *batch* gradients' outer products: not token-budget invariant."""
-    kw = dict(method="shampoo", ev_correction=False)
+    kw = dict(method="shampoo", ev_correction=False, executor="process")  # math, not Ray
     a = read_factored(run(tmp_path, "s4096", **kw), with_factors=True)
     b = read_factored(run(tmp_path, "s256", token_batch_size=256, **kw), with_factors=True)
     assert max(rel(a[m].S, b[m].S) for m in a) > 0.05
@@ -174,9 +174,12 @@ def test_autocorrelation_dense_processor_dir(ray_session, tmp_path):
         "8",
         "--num_shards",
         "3",
+        "--executor",  # three shards in process; the Ray pool is test_invariance's subject
+        "process",
     ]
     assert main(args) == 0
     one = run(tmp_path, "ac1", method="autocorrelation", ev_correction=False, projection_dim=8)
+    assert json.loads((tmp_path / "ac3" / "summary.json").read_text())["executor"] == "process"
     h3, h1 = load_hessians(tmp_path / "ac3"), load_hessians(one)
     assert set(h3) == set(h1) and len(h1) == 16
     for m in h1:

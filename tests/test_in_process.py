@@ -1,6 +1,6 @@
 """One local worker in the driver's process (``--executor process``, the default for a
 fresh single-worker local run) computes what a Ray actor pool computes: the same store
-bytes, and scores and sums equal to the last bits."""
+bytes and Hessian sums, and scores, sums and eigendecompositions equal to the last bits."""
 
 from __future__ import annotations
 
@@ -50,6 +50,75 @@ def test_process_and_ray_pools_give_the_same_results(tmp_path, ray_session, tiny
     np.testing.assert_allclose(*one, rtol=1e-6)
     assert summary(bp)["startup"]["ray_start_s"] == 0.0
     assert summary(bp)["rows_per_node"] == {"driver": N}
+
+
+@pytest.mark.ray
+def test_hessian_in_process_sums_the_same_bytes_as_a_ray_pool(tmp_path, ray_session, tiny_assets):
+    """KFAC + EK-FAC on two shards: the worker and both shards in this process (no Ray)
+    against a one-worker Ray pool. Every factor is a sum over the same windows in the
+    same order: the same bytes. Eigendecompositions (``eigh`` on another thread count,
+    stored in fp32) agree to a few fp32 roundings."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bergson_ray.pipelines.hessian import hessian
+
+    runs = {
+        ex: hessian(run_path=tmp_path / ex, dataset="tiny", split=f"train[:{N}]", method="kfac",
+                    ev_correction=True, num_shards=2, window_size=5, executor=ex)
+        for ex in ("process", "ray")
+    }  # fmt: skip
+    assert {ex: summary(r)["executor"] for ex, r in runs.items()} == {"process": "process", "ray": "ray"}
+    files = sorted(p.relative_to(runs["ray"]) for p in runs["ray"].rglob("*.safetensors"))
+    assert len(files) == 16 and files == sorted(
+        p.relative_to(runs["process"]) for p in runs["process"].rglob("*.safetensors")
+    )
+    for f in files:
+        got, want = (load_file(str(r / f)) for r in (runs["process"], runs["ray"]))
+        assert got.keys() == want.keys()
+        for k in want:
+            if f.parts[0] in ("activation_sharded", "gradient_sharded"):
+                assert torch.equal(got[k], want[k]), (f, k)
+            else:
+                scale = want[k].abs().max().item()  # fp32 rounding of an fp64 eigh
+                torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5 * scale + 1e-30,
+                                           msg=lambda m, f=f, k=k: f"{f} {k}: {m}")  # fmt: skip
+    assert summary(runs["process"])["positions"] == summary(runs["ray"])["positions"] > 0
+
+
+def test_local_handles_keep_rays_calling_convention():
+    """What ShardedFit relies on in process: results by ``get``, ``num_returns`` splits,
+    refs passed as arguments arrive as values, a call's error is raised by ``get``."""
+    from bergson_ray.actors.local_handles import LocalClass, LocalRay
+
+    class Acc:
+        def __init__(self, start):
+            self.total = start
+
+        def add(self, x):
+            self.total += x
+            return self.total
+
+        def split(self, k):
+            return tuple(range(k))
+
+        def fail(self):
+            raise ValueError("boom")
+
+    ray = LocalRay()
+    a = LocalClass(Acc).options(num_cpus=1).remote(10)
+    first = a.add.remote(5)
+    assert ray.get(a.add.remote(first)) == 30  # the ref's value (15) was added
+    parts = a.split.options(num_returns=3).remote(3)
+    assert ray.get(parts) == [0, 1, 2]
+    ready, rest = ray.wait(parts, num_returns=1)
+    assert ready == parts[:1] and rest == parts[1:]
+    bad = a.fail.remote()  # no exception until get, as with Ray
+    with pytest.raises(ValueError, match="boom"):
+        ray.get(bad)
+    ray.kill(a)
+    with pytest.raises(AttributeError):
+        a.add.remote(1)
 
 
 def test_auto_runs_in_process_only_where_ray_would_start_for_one_worker(monkeypatch):

@@ -5,11 +5,10 @@ bad input); one interop check against bergson's own ``lissa`` when its venv is p
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
+import anchor
 import numpy as np
 import pytest
 import torch
@@ -259,41 +258,32 @@ def test_resume_on_two_workers_computes_only_missing_repeats(one_worker, tmp_pat
 
 # --------------------------------------------------------------------- bergson's own lissa
 
-ANCHOR = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-BERGSON = ANCHOR / "anchor-venv" / "bin" / "bergson"
-MODEL = ANCHOR / "models" / "tiny-neox-trained"
-
-
 @pytest.mark.ray
-@pytest.mark.skipif(
-    not (BERGSON.exists() and (MODEL / "model.safetensors").exists()),
-    reason=f"bergson anchor venv/assets not found under {ANCHOR}",
-)
+@anchor.needs_anchor
 def test_bergson_lissa_gives_the_same_solutions(ray_session, tmp_path):
     """Same query store, same batches, same Gauss-Newton products: bergson's
     ``lissa_query`` and ours agree to float rounding (bergson run cached across sessions)."""
     from bergson_ray.config import RunConfig
     from bergson_ray.pipelines.lissa import solve_queries
 
-    data = ANCHOR / "data"
-    ref = ANCHOR / "interop-runs" / "lissa_tiny"
+    data = anchor.DATA
+    ref = anchor.RUNS / "lissa_tiny"
     args = ["--depth", "3", "--repeats", "2", "--lissa_cfg.batch_size", "2",
             "--micro_batch_size", "2", "--scale", "1000"]
     if not (ref / "lissa_query" / "info.json").exists():
         ref.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
-        subprocess.run(
-            [str(BERGSON), "lissa", str(ref), "--model", str(MODEL), "--overwrite", "true",
-             "--data.dataset", str(data / "pydoc"), "--data.split", "train[:6]",
-             "--data.truncation", "true", "--query.dataset", str(data / "pydoc_query"),
+        proc = anchor.run(
+            ["bergson", "lissa", ref, "--model", anchor.MODEL, "--overwrite", "true",
+             "--data.dataset", data / "pydoc", "--data.split", "train[:6]",
+             "--data.truncation", "true", "--query.dataset", data / "pydoc_query",
              "--query.split", "train[:2]", "--query.truncation", "true", *args],
-            check=True, env=env, capture_output=True, timeout=900,
+            timeout=900,
         )
+        assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = as_config(
-        LissaRunConfig, run_path=str(tmp_path), model=str(MODEL), dataset=str(data / "pydoc"),
-        split="train[:6]", truncation=True, num_workers=1, depth=3, repeats=2, batch_size=2,
-        micro_batch_size=2, scale=1000.0,
+        LissaRunConfig, run_path=str(tmp_path), model=str(anchor.MODEL),
+        dataset=str(data / "pydoc"), split="train[:6]", truncation=True, num_workers=1, depth=3,
+        repeats=2, batch_size=2, micro_batch_size=2, scale=1000.0,
     )
     ours, _ = solve_queries(cfg, ref / "query", RunConfig(run_path=str(tmp_path / "lq")))
     theirs = _rows(ref / "lissa_query")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 from pathlib import Path
 
+import anchor
 import pytest
 import torch
 
@@ -22,13 +21,6 @@ from bergson_ray.store.processor import (
     save_processor,
 )
 from bergson_ray.store.run_dir import RunDir
-
-ANCHOR_PY = (
-    Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-    / "anchor-venv"
-    / "bin"
-    / "python"
-)
 
 
 def diag(*values: float) -> torch.Tensor:
@@ -192,7 +184,7 @@ def test_mix_cli_takes_bergsons_flags(tmp_path, pair, capsys):
         )
 
 
-@pytest.mark.skipif(not ANCHOR_PY.exists(), reason="bergson anchor venv not installed")
+@anchor.needs_venv
 def test_bergson_loads_the_mixed_hessian(tmp_path, pair):
     q, t = pair
     out = _mix(tmp_path, q, t, 2)
@@ -202,9 +194,7 @@ def test_bergson_loads_the_mixed_hessian(tmp_path, pair):
         "p = GradientProcessor.load(sys.argv[1])\n"
         "print(json.dumps([p.projection_dim, sorted(p.hessians), p.hessians['m'].tolist()]))\n"
     )
-    proc = subprocess.run(
-        [str(ANCHOR_PY), "-c", code, str(out)], capture_output=True, text=True, timeout=300
-    )
+    proc = anchor.run(["python", "-c", code, out], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     dim, names, m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert dim == 2 and names == ["m", "n"]

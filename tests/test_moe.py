@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import subprocess
 from pathlib import Path
 
+import anchor
 import numpy as np
 import pytest
 import torch
@@ -312,30 +311,28 @@ def test_build_with_moe_experts_end_to_end(
 
 # ------------------------------------------------------- interop with bergson 2.5.1
 
-ANCHOR = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-BERGSON = ANCHOR / "anchor-venv" / "bin" / "bergson"
-PYDOC = ANCHOR / "data" / "pydoc"
-
-
-@pytest.mark.skipif(
-    not (BERGSON.exists() and PYDOC.exists()), reason=f"bergson anchor venv/data not under {ANCHOR}"
+PYDOC = anchor.DATA / "pydoc"
+needs_pydoc = pytest.mark.skipif(
+    not (anchor.INSTALLED and PYDOC.exists()),
+    reason=f"bergson anchor venv/data not under {anchor.ROOT}",
 )
+
+
+@needs_pydoc
 def test_bergson_builds_the_same_rows_with_moe_experts():
     """bergson's ``build --moe_experts`` on the same model: same module keys, same rows.
 
     Its run is cached under the anchor's ``interop-runs`` (about a minute the first time).
     """
-    root = ANCHOR / "interop-runs" / "moe_mixtral_v1"
+    root = anchor.RUNS / "moe_mixtral_v1"
     model_dir, run = root / "model", root / "build"
     if not (model_dir / "model.safetensors").exists():
         _save_moe(model_dir)
     if not (run / "info.json").exists():
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}  # fmt: skip
-        cmd = [str(BERGSON), "build", str(run), "--model", str(model_dir), "--dataset",
-               str(PYDOC), "--split", "train[:6]", "--projection_dim", "4", "--truncation",
+        cmd = ["bergson", "build", run, "--model", model_dir, "--dataset", PYDOC,
+               "--split", "train[:6]", "--projection_dim", "4", "--truncation",
                "--token_batch_size", "512", "--moe_experts", GLOB, "--overwrite", "true"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        proc = anchor.run(cmd, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     from bergson_ray.store.gradient_store import GradientStore
 
@@ -460,11 +457,8 @@ def test_expert_factors_divide_by_the_positions_routed_to_the_expert():
             )  # fmt: skip
 
 
-@pytest.mark.ray
-@pytest.mark.skipif(
-    not (BERGSON.exists() and PYDOC.exists()), reason=f"bergson anchor venv/data not under {ANCHOR}"
-)
-def test_bergson_fits_the_same_expert_factors(ray_session, tmp_path):
+@needs_pydoc
+def test_bergson_fits_the_same_expert_factors(tmp_path):
     """bergson's ``hessian --moe_experts`` (KFAC + EK-FAC, dataset labels) and ours on the
     same tiny Mixtral: same sums, and the same per-expert divisors in the eigenvalue grids.
     Its run is cached next to the build run above."""
@@ -473,24 +467,23 @@ def test_bergson_fits_the_same_expert_factors(ray_session, tmp_path):
     from bergson_ray.hessians.factored_io import read_factored
     from bergson_ray.pipelines.hessian import hessian
 
-    root = ANCHOR / "interop-runs" / "moe_mixtral_v1"
+    root = anchor.RUNS / "moe_mixtral_v1"
     model_dir, run = root / "model", root / "hessian_kfac_ev"
     if not (model_dir / "model.safetensors").exists():
         _save_moe(model_dir)
     flags = ["--split", "train[:6]", "--truncation", "--token_batch_size", "512",
              "--moe_experts", GLOB]  # fmt: skip
     if not (run / "eigenvalue_correction_sharded").exists():
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}  # fmt: skip
-        cmd = [str(BERGSON), "hessian", str(run), "--method", "kfac", "--ev_correction", "true",
-               "--use_dataset_labels", "true", "--model", str(model_dir), "--dataset", str(PYDOC),
+        cmd = ["bergson", "hessian", run, "--method", "kfac", "--ev_correction", "true",
+               "--use_dataset_labels", "true", "--model", model_dir, "--dataset", PYDOC,
                *flags, "--overwrite", "true"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        proc = anchor.run(cmd, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     ours = hessian(
         run_path=str(tmp_path / "ours"), model=str(model_dir), dataset=str(PYDOC),
         split="train[:6]", truncation=True, token_batch_size=512, moe_experts=GLOB,
         method="kfac", ev_correction=True, use_dataset_labels=True, num_shards=2,
+        executor="process",
     )  # fmt: skip
     theirs, mine = read_factored(run, with_factors=True), read_factored(ours, with_factors=True)
     assert list(mine) == list(theirs)

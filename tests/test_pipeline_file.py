@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import anchor
 import pytest
 import yaml
 
@@ -391,8 +392,6 @@ def test_untranslatable_bergson_keys_are_refused(tmp_path, body, match):
         plan(read_document(path), COMMANDS)
 
 
-ANCHOR_PY = Path.home() / ".cache" / "bergson-anchor" / "anchor-venv" / "bin" / "python"
-
 DUMP = """
 import yaml
 from bergson.cli.commands import ApproxUnrolling, Lissa
@@ -409,14 +408,13 @@ print(yaml.safe_dump({"steps": [
 """
 
 
-@pytest.mark.skipif(not ANCHOR_PY.exists(), reason="bergson anchor venv not installed")
+@anchor.needs_venv
 def test_bergsons_own_lissa_and_approxunrolling_configs_plan(tmp_path):
     """bergson writes every field of its configs (config.yaml of its runs): all of its
     lissa and approxunrolling fields translate."""
-    import subprocess
-
-    out = subprocess.run([str(ANCHOR_PY), "-c", DUMP], capture_output=True, text=True,
-                         check=True, env={"PYTHONWARNINGS": "ignore"}).stdout  # fmt: skip
+    proc = anchor.run(["python", "-c", DUMP])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
     path = tmp_path / "bergson.yaml"
     path.write_text(out)
     lissa, source = plan(read_document(path), COMMANDS)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
+import anchor
 import numpy as np
 import pytest
 import torch
 import yaml
+from anchor import needs_venv
 from helpers import pad_batch, random_docs, tiny_neox
 
 from bergson_ray.config import (
@@ -392,25 +392,6 @@ def test_tiny_resolves_to_paths_bergson_can_load(tiny_assets, tmp_path):
 
 # ============================================================== against bergson 2.5.1
 
-ROOT = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-PY = ROOT / "anchor-venv" / "bin" / "python"
-BERGSON = ROOT / "anchor-venv" / "bin" / "bergson"
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONWARNINGS": "ignore",
-}
-needs_anchor = pytest.mark.skipif(
-    not (PY.exists() and BERGSON.exists()),
-    reason=(
-        f"bergson 2.5.1 anchor venv not found under {ROOT}; run "
-        "`bash scripts/bergson_anchor.sh` to compare with bergson"
-    ),
-)
-
 _BERGSON_MATRICES = """
 import json, sys
 import numpy as np, torch
@@ -446,12 +427,12 @@ MATRIX_CASES = [
 GLOBAL_BLOCK = 4 * 300  # 300-column blocks at p = 4: the global cases span 4 blocks
 
 
-@needs_anchor
+@needs_venv
 def test_matrices_equal_bergson(tmp_path, monkeypatch):
     out = tmp_path / "bergson_matrices.npz"
-    proc = subprocess.run(
-        [str(PY), "-c", _BERGSON_MATRICES, json.dumps(MATRIX_CASES), str(out), str(GLOBAL_BLOCK)],
-        capture_output=True, text=True, env=ENV, timeout=600,
+    proc = anchor.run(
+        ["python", "-c", _BERGSON_MATRICES, json.dumps(MATRIX_CASES), str(out), str(GLOBAL_BLOCK)],
+        timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = np.load(out)
@@ -506,25 +487,22 @@ ROW_RUNS: dict[str, tuple[list[str], dict]] = {
 def bergson_tiny_runs(tiny_assets) -> Path:
     """``bergson build`` on OUR tiny model and corpus, cached per tiny build."""
     tag = hashlib.md5((tiny_assets.root / "manifest.json").read_bytes()).hexdigest()[:10]
-    runs = ROOT / "interop-runs" / f"bergson_ray-tiny-{tag}"
+    runs = anchor.RUNS / f"bergson_ray-tiny-{tag}"
     runs.mkdir(parents=True, exist_ok=True)
     for name, (extra, _) in ROW_RUNS.items():
         out = runs / name
         if (out / "info.json").exists():
             continue
-        cmd = [str(BERGSON), "build", str(out), "--model", str(tiny_assets.model_dir),
+        cmd = ["bergson", "build", str(out), "--model", str(tiny_assets.model_dir),
                "--dataset", str(tiny_assets.corpus_dir), *_COMMON, *extra, "--overwrite", "true"]  # fmt: skip
         log = runs / f"{name}.log"
-        with log.open("w") as f:
-            rc = subprocess.run(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=runs
-            ).returncode
+        rc = anchor.run(cmd, cwd=runs, log=log).returncode
         if rc != 0:
             pytest.fail(f"bergson build {name} failed (rc={rc}):\n{log.read_text()[-3000:]}")
     return runs
 
 
-@needs_anchor
+@needs_venv
 @pytest.mark.parametrize("name", list(ROW_RUNS))
 def test_projected_rows_equal_bergson_build(bergson_tiny_runs, tiny_assets, name):
     import datasets

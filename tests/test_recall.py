@@ -12,10 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import textwrap
 from pathlib import Path
 
+import anchor
 import numpy as np
 import pytest
 import torch
@@ -320,9 +320,6 @@ def test_duplicate_query_gradients_rank_their_statement_first(tmp_path, tiny_ass
 
 # ------------------------------------------------------------------------------ bergson
 
-ANCHOR = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-ANCHOR_PY = ANCHOR / "anchor-venv" / "bin" / "python"
-
 _BERGSON_SIDE = """
 import json, shutil, sys
 from pathlib import Path
@@ -350,7 +347,7 @@ print(json.dumps(metrics))
 """
 
 
-@pytest.mark.skipif(not ANCHOR_PY.exists(), reason=f"bergson anchor venv not found under {ANCHOR}")
+@anchor.needs_venv
 def test_bergson_agrees_on_data_scores_and_metrics(tmp_path):
     """bergson's score dir (lower-is-better, with ties) read by us gives bergson's
     recall.csv; bergson generates the very same datasets from the lists we wrote."""
@@ -364,12 +361,9 @@ def test_bergson_agrees_on_data_scores_and_metrics(tmp_path):
     rng = np.random.default_rng(3)
     matrix = rng.integers(0, 5, size=(n_docs, len(gold))).astype(np.float32)  # ties
     np.save(tmp_path / "matrix.npy", matrix)
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [str(ANCHOR_PY), "-c", textwrap.dedent(_BERGSON_SIDE), str(ours),
-         str(tmp_path / "fresh"), str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300,
+    proc = anchor.run(
+        ["python", "-c", textwrap.dedent(_BERGSON_SIDE), ours, tmp_path / "fresh", tmp_path],
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = json.loads(proc.stdout.strip().splitlines()[-1])

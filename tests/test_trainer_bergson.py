@@ -16,13 +16,13 @@ schedules and the shuffled, padded batch order.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import textwrap
 from pathlib import Path
 
+import anchor
 import pytest
 import torch
+from anchor import ROOT, RUNS, needs_venv
 from safetensors.torch import load_file
 
 from bergson_ray.cli import metasmoothness as metasmoothness_cli
@@ -31,31 +31,21 @@ from bergson_ray.cli.main import _guarded
 from bergson_ray.config.training import SCHEDULES, LRScheduleConfig
 from bergson_ray.training import batch_order, checkpoint_steps, lr_schedule
 
-ROOT = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-PY = ROOT / "anchor-venv" / "bin" / "python"
-BERGSON = ROOT / "anchor-venv" / "bin" / "bergson"
+# the trained tiny model, else the untrained one (either will do for parity)
 MODELS = [ROOT / "models" / "tiny-neox-trained", ROOT / "models" / "tiny-neox"]
 MODEL = next((m for m in MODELS if (m / "model.safetensors").exists()), MODELS[0])
-DATA = ROOT / "data" / "pydoc"
-RUNS = ROOT / "interop-runs"
+DATA = anchor.DATA / "pydoc"
 
-pytestmark = pytest.mark.skipif(
-    not (PY.exists() and BERGSON.exists() and (MODEL / "model.safetensors").exists()),
-    reason=(
-        f"bergson anchor venv/tiny model not found under {ROOT}; run "
-        "`bash scripts/bergson_anchor.sh` to compare with bergson"
+pytestmark = [
+    needs_venv,
+    pytest.mark.skipif(
+        not (MODEL / "model.safetensors").exists(),
+        reason=(
+            f"no tiny model under {ROOT / 'models'}; run "
+            "`bash scripts/bergson_anchor.sh` to compare with bergson"
+        ),
     ),
-)
-
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "WANDB_MODE": "disabled",
-    "PYTHONWARNINGS": "ignore",
-}
+]
 
 _COMMON = [
     "--dataset", str(DATA), "--split", "train[:10]", "--truncation", "true",
@@ -87,11 +77,10 @@ def _bergson_run(name: str, command: str = "train") -> Path:
         return out
     RUNS.mkdir(parents=True, exist_ok=True)
     flags = _PROBE if command == "metasmoothness" else [*_COMMON, *TRAIN_RUNS[name]]
-    cmd = [str(BERGSON), command, str(out), "--model", str(MODEL), *flags,
+    cmd = ["bergson", command, str(out), "--model", str(MODEL), *flags,
            "--wandb_project", "", "--overwrite", "true"]  # fmt: skip
     log = RUNS / f"{out.name}.log"
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=RUNS)
+    proc = anchor.run(cmd, cwd=RUNS, log=log)
     if proc.returncode != 0:
         pytest.fail(f"bergson {command} {name} failed (rc={proc.returncode}):\n{log.read_text()[-3000:]}")
     return out
@@ -111,9 +100,7 @@ def cli_main(argv: list[str]) -> int:
 
 def _anchor(script: str) -> object:
     """Run ``script`` in bergson's venv; its last stdout line is JSON."""
-    proc = subprocess.run(
-        [str(PY), "-c", textwrap.dedent(script)], capture_output=True, text=True, env=ENV
-    )
+    proc = anchor.run(["python", "-c", textwrap.dedent(script)])
     if proc.returncode != 0:
         pytest.fail(f"anchor script failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

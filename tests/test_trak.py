@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
+import anchor
 import numpy as np
 import pytest
 import torch
@@ -186,24 +186,23 @@ def ckpts(tiny_assets, tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single_run(ray_session, ckpts, tmp_path_factory):
-    """Member 1 of the ensemble below, alone (its seed), on one worker."""
+    """Member 1 of the ensemble below, alone (its seed), on a pool of two Ray workers."""
     from bergson_ray.pipelines.trak import trak
 
     root = tmp_path_factory.mktemp("single") / "trak"
-    out = trak(
-        run_path=str(root), model=ckpts[1], projection_seed=SEED + 1, num_workers=1, **COMMON
-    )
+    out = trak(run_path=str(root), model=ckpts[1], projection_seed=SEED + 1, num_workers=2,
+               **{**COMMON, "executor": "ray"})  # fmt: skip
     return root, out
 
 
 @pytest.fixture(scope="module")
 def ensemble_run(ray_session, ckpts, tmp_path_factory):
-    """Both checkpoints on two workers; the resume tests below reuse it in file order."""
+    """Both checkpoints on one worker in process; the resume tests below reuse it in file
+    order."""
     from bergson_ray.pipelines.trak import trak
 
     root = tmp_path_factory.mktemp("ensemble") / "trak"
-    cfg = dict(run_path=str(root), checkpoints=ckpts, projection_seed=SEED, num_workers=2,
-               **{**COMMON, "executor": "ray"})  # fmt: skip
+    cfg = dict(run_path=str(root), checkpoints=ckpts, projection_seed=SEED, **COMMON)
     return root, cfg, _scores(trak(**cfg))
 
 
@@ -241,7 +240,7 @@ def test_ensemble_is_the_mean_of_its_members(ensemble_run, single_run, ckpts, ti
     _assert_close(got, want)
     seeds = [m["projection_seed"] for m in _summary(root)["members"]]
     assert seeds == [SEED, SEED + 1]
-    # member 1 on two workers == the same model run alone on one worker
+    # member 1 on one worker in process == the same model run alone on two Ray workers
     alone, _ = single_run
     np.testing.assert_array_equal(
         rows_of(root / "checkpoint_1" / "train"), rows_of(alone / "train")
@@ -344,37 +343,27 @@ def test_cli_flags_make_the_config():
 
 
 # ------------------------------------------------------------------ bergson interop
-ANCHOR = Path(os.environ.get("BERGSON_ANCHOR_ROOT", Path.home() / ".cache" / "bergson-anchor"))
-BERGSON, ANCHOR_MODEL = (
-    ANCHOR / "anchor-venv" / "bin" / "bergson",
-    ANCHOR / "models" / "tiny-neox-trained",
-)
-
-
-@pytest.mark.skipif(
-    not (BERGSON.exists() and (ANCHOR_MODEL / "model.safetensors").exists()),
-    reason=f"bergson anchor venv/assets not found under {ANCHOR}",
-)
+@anchor.needs_anchor
 def test_scores_match_bergsons_trak(ray_session, tmp_path):
     """bergson's own ``trak`` on its tiny model and data (cached), against ours."""
     from bergson_ray.pipelines.trak import trak
 
-    data = ANCHOR / "data"
-    cached = ANCHOR / "interop-runs" / "trak_p8"
+    data = anchor.DATA
+    cached = anchor.RUNS / "trak_p8"
     if not (cached / "scores" / "info.json").exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        subprocess.run(
-            [str(BERGSON), "trak", str(cached), "--model", str(ANCHOR_MODEL),
-             "--data.dataset", str(data / "pydoc"), "--data.split", SPLIT,
+        proc = anchor.run(
+            ["bergson", "trak", cached, "--model", anchor.MODEL,
+             "--data.dataset", data / "pydoc", "--data.split", SPLIT,
              "--data.truncation", "true",
-             "--query.dataset", str(data / "pydoc_query"), "--query.split", QUERY_SPLIT,
+             "--query.dataset", data / "pydoc_query", "--query.split", QUERY_SPLIT,
              "--query.truncation", "true", "--projection_dim", str(P), "--loss_fn", "log_odds",
              "--projection_target", "global", "--overwrite", "true"],
-            check=True, env=env, cwd=cached.parent, capture_output=True,
+            cwd=cached.parent,
         )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
     ours = trak(
-        run_path=str(tmp_path / "trak"), model=str(ANCHOR_MODEL), dataset=str(data / "pydoc"),
+        run_path=str(tmp_path / "trak"), model=str(anchor.MODEL), dataset=str(data / "pydoc"),
         split=SPLIT, truncation=True, projection_dim=P, num_workers=1,
         **{"query.dataset": str(data / "pydoc_query"), "query.split": QUERY_SPLIT,
            "query.truncation": True},

@@ -9,7 +9,9 @@
   shard. It is a plain actor rather than a Ray Data UDF because a UDF has no
   end-of-stream hook: the point is to send once per worker, not once per batch.
 
-Both are thin: the math and bookkeeping are :class:`~bergson_ray.hessians.shard_state.ShardState`
+Both are plain classes, made Ray actors by :data:`RemoteHessianShard` and
+:data:`RemoteHessianWorker`; a one-worker fit on one machine uses them in the driver's
+process instead. Both are thin: the math and bookkeeping are :class:`~bergson_ray.hessians.shard_state.ShardState`
 and :class:`~bergson_ray.runners.hessian_runner.HessianRunner`. Shards never restart by
 themselves (``max_restarts=0``): a restarted actor would come back empty and
 silently drop data, so the driver notices the death and decides (replace and
@@ -33,12 +35,12 @@ def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
 class HessianShard:
     def __init__(self, shard_id: int, modules: Mapping, cfg, torch_threads: int = 1):
         from ..hessians.shard_state import ShardState
 
-        torch.set_num_threads(max(1, torch_threads))
+        if torch_threads > 0:  # 0: in the driver's process, whose setting is the worker's
+            torch.set_num_threads(torch_threads)
         self.shard_id = shard_id
         self.state = ShardState(modules, cfg)
 
@@ -90,7 +92,6 @@ class HessianShard:
         return {"tensor_bytes": self.state.nbytes, "peak_rss_bytes": _peak_rss_bytes()}
 
 
-@ray.remote(max_restarts=0)
 class HessianWorker:
     """Sums Hessian statistics over every window it is given (see module docstring)."""
 
@@ -131,3 +132,9 @@ class HessianWorker:
 
     def memory(self) -> dict[str, int]:
         return {"peak_rss_bytes": _peak_rss_bytes()}
+
+
+# The Ray actors. The plain classes above run in the driver's process for a one-worker
+# fit on one machine (``pipelines/sharded_fit.py``, ``actors/local_handles.py``).
+RemoteHessianShard = ray.remote(num_cpus=0, max_restarts=0)(HessianShard)
+RemoteHessianWorker = ray.remote(max_restarts=0)(HessianWorker)

@@ -9,6 +9,10 @@ worker's windows are re-queued on a replacement; every contribution is kept as a
 driver-owned object ref so a dead shard is replaced and replayed (up to
 ``max_shard_restarts``), and shards are checked against the workers' counts before
 anything is written.
+
+Given an in-process ``local`` pool plan, the same classes run as plain objects in this
+process through ``actors/local_handles.py`` (one worker, the shards one after the
+other, no Ray): the same windows in the same order as a one-worker Ray pool.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 from ..config import HessianRunConfig
 from ..errors import BergsonRayError, StoreError, unwrap
 from ..testing.faults import FaultPlan
-from .workers import worker_pool
+from .workers import PoolPlan, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +48,32 @@ class ShardedFit:
         num_documents: int,
         faults: FaultPlan | None = None,
         rows=None,
+        local: PoolPlan | None = None,
     ):
-        import ray
-
-        from ..actors.hessian_shard import HessianShard, HessianWorker
+        from ..actors import hessian_shard as actors
         from ..runners.gradient_runner import RunnerSpec
         from ..runners.hessian_runner import HessianSpec
 
-        self.ray = ray
         self.cfg = cfg
         self.modules = modules
         self.owners = owners
         self.num_documents = num_documents
         self.faults = faults
         self.shard_killed = False
-        self.pool = worker_pool(cfg.ray)
-        self._shard_cls, self._worker_cls = HessianShard, HessianWorker
+        if local is not None:  # one worker and every shard in this process, no Ray
+            from ..actors.local_handles import LocalClass, LocalRay
+
+            self.ray = LocalRay()
+            self.pool = local
+            self._shard_cls = LocalClass(actors.HessianShard)
+            self._worker_cls = LocalClass(actors.HessianWorker)
+        else:
+            import ray
+
+            self.ray = ray
+            self.pool = worker_pool(cfg.ray)
+            self._shard_cls = actors.RemoteHessianShard
+            self._worker_cls = actors.RemoteHessianWorker
         self.spec = HessianSpec(
             runner=RunnerSpec(
                 model=cfg.model,
@@ -75,9 +89,12 @@ class ShardedFit:
         # K shards eigendecompose in parallel beside the workers: split the node's CPUs,
         # never oversubscribe. Multi-threaded LAPACK on busy cores spins (512x512 fp64
         # eigh here: 0.09 s on 1 thread, 2.1 s on 2 threads while the cores are busy).
-        from ..utils.ray_env import cluster_cpus
+        # In process, shards use the worker's threads one after the other (0: unchanged).
+        self.shard_threads = 0
+        if local is None:
+            from ..utils.ray_env import cluster_cpus
 
-        self.shard_threads = max(1, int(cluster_cpus() // (len(owners) + self.pool.size)))
+            self.shard_threads = max(1, int(cluster_cpus() // (len(owners) + self.pool.size)))
         self.shards = [self._new_shard(k) for k in range(len(owners))]
         self.shard_restarts = 0
         # Everything routed to each shard, as driver-owned refs, kept for replay.
@@ -87,7 +104,8 @@ class ShardedFit:
         }
         self.expected: dict[str, set[str]] = {"factors": set(), "correction": set()}
         # With no replacements allowed there is nothing to replay: free each ref once merged.
-        self.keep_refs = cfg.hessian.max_shard_restarts > 0
+        # In process a shard cannot die alone: nothing to keep either.
+        self.keep_refs = cfg.hessian.max_shard_restarts > 0 and local is None
         self.stages: set[str] = set()
         self.workers: list[Any] = []
         self.incarnation: list[int] = []

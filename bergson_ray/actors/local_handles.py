@@ -1,0 +1,103 @@
+"""Ray's actor calling convention for plain objects in this process.
+
+A pipeline written against actor handles (``cls.options(...).remote(...)``,
+``handle.method.remote(...)``, ``method.options(num_returns=k)``, ``ray.get``,
+``ray.wait``, ``ray.kill``) runs unchanged on one machine without Ray when it is
+given :class:`LocalClass` wrappers and :class:`LocalRay` instead of Ray's. Calls run
+at once, in the order they are made; arguments that are :class:`LocalRef` results of
+earlier calls are passed as their values (Ray resolves top-level refs the same way);
+an exception is kept in its ref and raised by :meth:`LocalRay.get`, as Ray raises a
+task's error at ``ray.get``.
+
+Used by ``pipelines/sharded_fit.py`` for a one-worker Hessian fit in the driver's
+process (``--executor``; ``pipelines/in_process.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(eq=False)
+class LocalRef:
+    """A finished call's value (or the exception it raised); hashed by identity, as refs are."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _resolve(v: Any) -> Any:
+    return v.result() if isinstance(v, LocalRef) else v
+
+
+class LocalMethod:
+    def __init__(self, bound, num_returns: int = 1):
+        self.bound = bound
+        self.num_returns = num_returns
+
+    def options(self, num_returns: int = 1, **_ignored) -> LocalMethod:
+        return LocalMethod(self.bound, num_returns)
+
+    def remote(self, *args, **kwargs) -> LocalRef | list[LocalRef]:
+        try:
+            out = self.bound(*map(_resolve, args), **{k: _resolve(v) for k, v in kwargs.items()})
+        except Exception as exc:  # noqa: BLE001 - raised again at LocalRay.get
+            return (
+                LocalRef(error=exc)
+                if self.num_returns == 1
+                else [LocalRef(error=exc)] * self.num_returns
+            )
+        if self.num_returns == 1:
+            return LocalRef(out)
+        return [LocalRef(v) for v in out]
+
+
+class LocalActor:
+    """A handle whose ``handle.method.remote(...)`` calls the object's method now."""
+
+    def __init__(self, obj: Any):
+        self._obj = obj
+
+    def __getattr__(self, name: str) -> LocalMethod:
+        return LocalMethod(getattr(self._obj, name))
+
+
+class LocalClass:
+    """``LocalClass(Cls).options(...).remote(*args)`` builds ``Cls(*args)`` here."""
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def options(self, **_ignored) -> LocalClass:
+        return self  # resources and restart policies mean nothing in one process
+
+    def remote(self, *args, **kwargs) -> LocalActor:
+        return LocalActor(
+            self.cls(*map(_resolve, args), **{k: _resolve(v) for k, v in kwargs.items()})
+        )
+
+
+class LocalRay:
+    """The part of the ``ray`` module an actor pipeline calls."""
+
+    @staticmethod
+    def get(refs):
+        if isinstance(refs, list):
+            return [_resolve(r) for r in refs]
+        return _resolve(refs)
+
+    @staticmethod
+    def wait(refs, num_returns: int = 1, **_ignored):
+        refs = list(refs)
+        return refs[:num_returns], refs[num_returns:]  # every call has already finished
+
+    @staticmethod
+    def kill(handle, **_ignored) -> None:
+        if isinstance(handle, LocalActor):
+            handle._obj = None  # drop the object (a worker's model) as a dead actor would
