@@ -177,15 +177,30 @@ class _ForkServer:
 
     def run(self, req: dict, timeout: float) -> int:
         with self.lock:
-            self.proc.stdin.write(json.dumps(req) + "\n")
-            self.proc.stdin.flush()
-            pid = self._reply(120)["pid"]  # the first request also waits for the import
+            pid = None
             try:
+                self.proc.stdin.write(json.dumps(req) + "\n")
+                self.proc.stdin.flush()
+                pid = self._reply(120)["pid"]  # the first request also waits for the import
                 return self._reply(timeout)["rc"]
             except TimeoutError:
-                os.killpg(pid, signal.SIGKILL)  # the child and whatever it started
-                self._reply(60)
+                self.kill(pid)
                 raise subprocess.TimeoutExpired(req["argv"], timeout) from None
+            except BaseException:  # e.g. pytest-timeout's interrupt: replies would go astray
+                self.kill(pid)
+                raise
+
+    def kill(self, pid: int | None) -> None:
+        """End the running child (its process group) and this server: the next
+        :func:`run` starts a fresh one."""
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)  # the child and whatever it started
+            except ProcessLookupError:
+                pass
+        self.proc.kill()
+        self.proc.wait()
+        _SERVER.clear()
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -191,11 +191,12 @@ def _scores(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def one_worker(ray_session, tmp_path_factory) -> Path:
-    """``bergson-ray lissa`` end to end on the tiny defaults, one worker."""
+    """``bergson-ray lissa`` end to end on the tiny defaults, one worker in this process
+    (the two-worker Ray pool below must give the same solutions)."""
     from bergson_ray.cli.main import main
 
     root = tmp_path_factory.mktemp("lissa") / "one"
-    assert main(["lissa", str(root), "--num_workers", "1", *CLI]) == 0
+    assert main(["lissa", str(root), "--executor", "process", *CLI]) == 0
     return root
 
 

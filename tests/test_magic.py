@@ -36,7 +36,8 @@ def one_worker(ray_session, tmp_path_factory):
     from bergson_ray.pipelines.magic import magic
 
     root = tmp_path_factory.mktemp("magic")
-    return magic(run_path=str(root / "one"), num_workers=1, cleanup_ckpts=False, **RECIPE)
+    # one worker in this process (no Ray); the Ray pools below must give the same columns
+    return magic(run_path=str(root / "one"), executor="process", cleanup_ckpts=False, **RECIPE)
 
 
 @pytest.mark.ray

@@ -150,6 +150,7 @@ def test_real_trainer_bank_round_trip(ray_session, tmp_path):
 
     n = 8
     common = dict(dataset="tiny", split=f"train[:{n}]", batch_size=4, lr=1e-3, num_workers=1,
+                  executor="process",
                   **{"query.dataset": "tiny", "query.split": "train[40:42]"})
     placeholder = write_scores(tmp_path / "zero", np.random.default_rng(0).normal(size=(n, 2)))
     bank = run_validate(tmp_path, "bank", placeholder, spec=None, count=n, save_models=True, **common)

@@ -7,6 +7,10 @@ an actor dies, only its job in flight is lost: that job goes back to the front o
 queue and a fresh actor replaces the dead one; a job that kills
 :attr:`JobPool.MAX_FAILURES_PER_JOB` workers fails the run. No Ray Data here: jobs are few
 and long, and each worker keeps per-run state that a Ray Data UDF would rebuild.
+
+With ``local=True`` (one worker on one machine, ``pipelines/in_process.py``) the one
+worker is a plain object in the driver's process behind ``local_handles.py``: the same
+job loop, no Ray.
 """
 
 from __future__ import annotations
@@ -49,13 +53,26 @@ class JobPool:
     def __init__(
         self, worker_cls: type, spec: Any, size: int, *, num_cpus: float, num_gpus: float,
         faults: Any = None, what: str = "job", key: Callable[[Any], Hashable] = lambda j: j,
+        local: bool = False,
     ):
-        import ray
+        import torch
 
-        self._cls = ray.remote(worker_cls).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0
-        )
-        self.spec_ref = ray.put(spec)
+        self.threads = torch.get_num_threads()  # a local worker sets its own: restored
+        if local:
+            from .local_handles import LocalClass, LocalRay
+
+            self.ray: Any = LocalRay()
+            self._cls = LocalClass(worker_cls)
+            self.spec_ref = spec
+            size = 1
+        else:
+            import ray
+
+            self.ray = ray
+            self._cls = ray.remote(worker_cls).options(
+                num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0
+            )
+            self.spec_ref = ray.put(spec)
         self.faults = faults
         self.what = what
         self.key = key
@@ -67,18 +84,17 @@ class JobPool:
 
     def call(self, method: str, *args: Any) -> Any:
         """Call ``method`` on the first actor (start-up errors surface here, unwrapped)."""
-        import ray
-
         try:
-            return ray.get(getattr(self.actors[0], method).remote(*args))
+            return self.ray.get(getattr(self.actors[0], method).remote(*args))
         except Exception as exc:
             _user_error(exc)
             raise
 
     def run(self, jobs: list[Any], on_result: Callable[..., None] | None = None) -> PoolStats:
         """Run every job; ``on_result(job, result)`` as each one finishes."""
-        import ray
         from ray.exceptions import RayActorError
+
+        ray = self.ray
 
         t0 = time.perf_counter()
         pending: deque[Any] = deque(jobs)
@@ -108,8 +124,6 @@ class JobPool:
 
     def _replace(self, slot: int, job: Any, exc: Exception) -> None:
         """A worker died with ``job`` in flight: count it and start a fresh worker."""
-        import ray
-
         _user_error(exc)  # died in __init__ on a user error
         key = self.key(job)
         fails = self.stats.failures.get(key, 0) + 1
@@ -120,27 +134,26 @@ class JobPool:
                     slot, self.what, key)
         self.stats.lost += 1
         self.stats.replaced_actors += 1
-        ray.kill(self.actors[slot], no_restart=True)
+        self.ray.kill(self.actors[slot], no_restart=True)
         self.actors[slot] = self._new_actor()
 
     def peak_rss(self) -> list[float]:
         """Peak RSS (MiB) of every live worker (0 for one that cannot answer)."""
-        import ray
-
         out = []
         for a in self.actors:
             try:
-                out.append(round(float(ray.get(a.peak_rss_mib.remote(), timeout=30)), 1))
+                out.append(round(float(self.ray.get(a.peak_rss_mib.remote(), timeout=30)), 1))
             except Exception:  # noqa: BLE001 - a dying worker must not fail a finished run
                 out.append(0.0)
         return out
 
     def shutdown(self) -> None:
-        import ray
+        import torch
 
         for a in self.actors:
-            ray.kill(a, no_restart=True)
+            self.ray.kill(a, no_restart=True)
         self.actors = []
+        torch.set_num_threads(self.threads)
 
 
 def peak_rss_mib() -> float:

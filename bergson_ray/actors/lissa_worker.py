@@ -43,10 +43,13 @@ class LissaWorker:
         return job
 
 
-def LissaPool(spec: LissaSpec, size: int, *, num_cpus: float, num_gpus: float, faults=None) -> JobPool:
-    """``size`` :class:`LissaWorker` actors; a job is ``(query row, repeat)``."""
+def LissaPool(
+    spec: LissaSpec, size: int, *, num_cpus: float, num_gpus: float, faults=None, local=False
+) -> JobPool:
+    """``size`` :class:`LissaWorker` actors (``local``: one, in this process); a job is
+    ``(query row, repeat)``."""
     return JobPool(LissaWorker, spec, size, num_cpus=num_cpus, num_gpus=num_gpus,
-                   faults=faults, what="LiSSA repeat")
+                   faults=faults, what="LiSSA repeat", local=local)
 
 
 __all__ = ["LissaPool", "LissaWorker"]

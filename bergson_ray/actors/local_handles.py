@@ -9,8 +9,9 @@ earlier calls are passed as their values (Ray resolves top-level refs the same w
 an exception is kept in its ref and raised by :meth:`LocalRay.get`, as Ray raises a
 task's error at ``ray.get``.
 
-Used by ``pipelines/sharded_fit.py`` for a one-worker Hessian fit in the driver's
-process (``--executor``; ``pipelines/in_process.py``).
+Used for one worker in the driver's process (``--executor``, ``pipelines/in_process.py``)
+by ``pipelines/sharded_fit.py`` (a Hessian fit) and ``actors/job_pool.py`` (retrains,
+MAGIC columns, LiSSA repeats, SOURCE passes).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class LocalRay:
     """The part of the ``ray`` module an actor pipeline calls."""
 
     @staticmethod
-    def get(refs):
+    def get(refs, **_ignored):
         if isinstance(refs, list):
             return [_resolve(r) for r in refs]
         return _resolve(refs)

@@ -77,7 +77,10 @@ class MagicWorker:
         return job
 
 
-def MagicPool(spec: Any, size: int, *, num_cpus: float, num_gpus: float, faults=None) -> JobPool:
-    """``size`` :class:`MagicWorker` actors; a job is a query index (one score column)."""
+def MagicPool(
+    spec: Any, size: int, *, num_cpus: float, num_gpus: float, faults=None, local=False
+) -> JobPool:
+    """``size`` :class:`MagicWorker` actors (``local``: one, in this process); a job is a
+    query index (one score column)."""
     return JobPool(MagicWorker, spec, size, num_cpus=num_cpus, num_gpus=num_gpus,
-                   faults=faults, what="query")
+                   faults=faults, what="query", local=local)

@@ -77,7 +77,10 @@ class RetrainWorker:
         return np.asarray(losses, dtype=np.float64)
 
 
-def RetrainPool(spec: Any, size: int, *, num_cpus: float, num_gpus: float, faults=None) -> JobPool:
-    """``size`` :class:`RetrainWorker` actors; jobs are :class:`Job`, keyed by ``job.key``."""
+def RetrainPool(
+    spec: Any, size: int, *, num_cpus: float, num_gpus: float, faults=None, local=False
+) -> JobPool:
+    """``size`` :class:`RetrainWorker` actors (``local``: one, in this process); jobs are
+    :class:`Job`, keyed by ``job.key``."""
     return JobPool(RetrainWorker, spec, size, num_cpus=num_cpus, num_gpus=num_gpus,
-                   faults=faults, what="retrain", key=lambda job: job.key)
+                   faults=faults, what="retrain", key=lambda job: job.key, local=local)

@@ -188,10 +188,12 @@ class UnrollingWorker:
 
 
 def UnrollingPool(
-    spec: UnrollingSpec, size: int, *, num_cpus: float, num_gpus: float, faults: Any = None
+    spec: UnrollingSpec, size: int, *, num_cpus: float, num_gpus: float, faults: Any = None,
+    local: bool = False,
 ) -> JobPool:
-    """``size`` :class:`UnrollingWorker` actors; jobs are :class:`PassJob`."""
+    """``size`` :class:`UnrollingWorker` actors (``local``: one, in this process); jobs are
+    :class:`PassJob`."""
     return JobPool(
         UnrollingWorker, spec, size, num_cpus=num_cpus, num_gpus=num_gpus, faults=faults,
-        what="approxunrolling job", key=lambda job: job.key,
+        what="approxunrolling job", key=lambda job: job.key, local=local,
     )

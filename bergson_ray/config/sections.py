@@ -242,7 +242,7 @@ class RayConfig:
     address: str | None = None
     """Ray cluster address; unset uses RAY_ADDRESS or starts a local Ray."""
     executor: Literal["auto", "ray", "process"] = "auto"
-    """Where build/score/reduce/hessian compute: process = in this process, no Ray (one local worker); ray = a Ray actor pool; auto = process when the run would start its own local Ray for one worker, else ray."""
+    """Where the workers compute: process = one worker in this process, no Ray; ray = a Ray actor pool; auto = process when the run would start its own local Ray for one worker, else ray."""
     num_workers: int = 0
     """Gradient worker actors (0 = one per GPU, or 1 on a CPU-only cluster)."""
     num_gpus_per_worker: float = 1.0

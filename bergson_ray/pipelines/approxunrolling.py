@@ -688,8 +688,7 @@ def approxunrolling(
     ``bergson_ray.approxunrolling(run_path="runs/src", checkpoints=["runs/train"], segments=1)``
     """
     from ..actors.unrolling_worker import UnrollingPool, UnrollingSpec
-    from ..utils.ray_env import init_ray
-    from .workers import worker_pool
+    from .workers import start_workers
 
     cfg = _with_query_default(as_config(ApproxUnrollingRunConfig, cfg, **overrides))
     if not cfg.run.run_path:
@@ -703,8 +702,7 @@ def approxunrolling(
     if cfg.query_path:
         _check_query(Path(cfg.query_path), plan)
 
-    init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
-    pool_plan = worker_pool(cfg.ray)
+    pool_plan = start_workers(cfg.ray, faults=faults)  # one worker in process, or a Ray pool
     spec = UnrollingSpec(
         checkpoints=[str(p) for p in plan.hf_dirs], model=cfg.model, data=cfg.data,
         grad=cfg.grad, batch=cfg.batch, hessian=cfg.hessian, skip_short_docs=cfg.skip_short_docs,
@@ -713,7 +711,8 @@ def approxunrolling(
     )  # fmt: skip
     chunks = _chunks(plan.num_docs, cfg.ray.window_size)
     pool = UnrollingPool(spec, pool_plan.size, num_cpus=pool_plan.num_cpus,
-                         num_gpus=pool_plan.num_gpus, faults=faults)  # fmt: skip
+                         num_gpus=pool_plan.num_gpus, faults=faults,
+                         local=pool_plan.in_process)  # fmt: skip
     try:
         qpath = _query(cfg, plan, steps, pool, len(plan.checkpoints) - 1)
         num_queries = _check_query(qpath, plan).num_grads

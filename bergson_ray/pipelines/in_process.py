@@ -1,4 +1,4 @@
-"""One worker in the driver's own process: ``build``/``score``/``reduce`` without Ray.
+"""One worker in the driver's own process: a command's workers without Ray.
 
 A run on one machine with one worker gains nothing from Ray but pays for it: a local
 Ray's start (about 6 s), an actor process that imports torch and transformers again,
@@ -13,6 +13,10 @@ start its own local Ray for a single worker: no ``--address``/``RAY_ADDRESS``, n
 already connected in this process, no live ``ray start`` head on this machine, at most
 one GPU, no ``--fsdp``, and no worker resources or labels. Anything else runs on Ray
 as before, and so does every run given a test fault plan (it kills Ray workers).
+
+The same decision serves ``hessian`` (``hessian.start_fit``: worker and shards as plain
+objects) and the job pools of ``magic``/``validate``/``lissa``/``approxunrolling``
+(``actors/job_pool.py``, ``local=True``), both through ``actors/local_handles.py``.
 """
 
 from __future__ import annotations

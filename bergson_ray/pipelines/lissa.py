@@ -146,8 +146,7 @@ def solve_queries(
     from ..store.gradient_writer import GradientStoreWriter
     from ..store.processor import ProcessorConfig, save_processor
     from ..store.run_dir import RunDir
-    from ..utils.ray_env import init_ray
-    from .workers import worker_pool
+    from .workers import start_workers
 
     t0 = time.perf_counter()
     store = GradientStore.open(query_path)
@@ -168,8 +167,7 @@ def solve_queries(
         "repeats_computed": 0, "repeats_reused": len(jobs) - len(todo), "repeats_lost": 0,
     }
     if todo:
-        init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
-        plan = worker_pool(cfg.ray)
+        plan = start_workers(cfg.ray, faults=faults)  # one worker in process, or a Ray pool
         spec = LissaSpec(
             model=cfg.model, grad=cfg.grad, data=cfg.data, batch=cfg.batch,
             query_path=str(query_path), repeats_dir=str(repeats_dir), settings=settings,
@@ -177,7 +175,8 @@ def solve_queries(
             torch_threads=plan.torch_threads,
         )
         size = min(plan.size, len(todo))
-        pool = LissaPool(spec, size, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, faults=faults)
+        pool = LissaPool(spec, size, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+                         faults=faults, local=plan.in_process)  # fmt: skip
         try:
             record["top_eigenvalue_estimate"] = pool.call("scale_check")
             stats = pool.run(todo)

@@ -92,8 +92,7 @@ def write_scores(path: Path, columns: list[np.ndarray], shape: DataShape, per_to
 
 def magic(cfg: MagicRunConfig | dict | None = None, *, faults: Any = None, **overrides: Any) -> Path:
     """Run ``magic`` and return the committed run directory (``faults``: tests only)."""
-    from ..utils.ray_env import init_ray
-    from .workers import worker_pool
+    from .workers import start_workers
 
     cfg = as_config(MagicRunConfig, cfg, **overrides)
     precheck(cfg)
@@ -102,10 +101,10 @@ def magic(cfg: MagicRunConfig | dict | None = None, *, faults: Any = None, **ove
     run.write_config(
         {**dataclasses.asdict(cfg), "score_cfg": SCORE_CFG}, command="magic"
     )
-    init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
-    plan = worker_pool(cfg.ray)
+    plan = start_workers(cfg.ray, faults=faults)  # one worker in process, or a Ray pool
     spec = _spec(cfg, run, plan.torch_threads)
-    pool = MagicPool(spec, plan.size, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, faults=faults)
+    pool = MagicPool(spec, plan.size, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+                     faults=faults, local=plan.in_process)  # fmt: skip
     try:
         shape: DataShape = pool.call("shape")
         jobs: list[int] = pool.call("jobs")

@@ -164,6 +164,7 @@ def trackstar(cfg: TrackstarRunConfig | dict | None = None, **overrides) -> Path
     ``bergson_ray.trackstar(run_path="runs/ts", **{"query.dataset": "q.jsonl"})``
     """
     from ..utils.ray_env import init_ray
+    from .in_process import runs_in_process
     from .mix import mix_dirs, rank_warning
     from .score import score
 
@@ -190,7 +191,8 @@ def trackstar(cfg: TrackstarRunConfig | dict | None = None, **overrides) -> Path
         data = first_rows(cfg.query, cfg.stats_sample_size)
         jobs.append(_hessian_cfg(cfg, data, steps.path("query_hessian")))
     if jobs:
-        init_ray(cfg.ray.address, namespace=cfg.ray.namespace)  # once, before the threads
+        if not runs_in_process(cfg.ray):  # Ray once, before the threads
+            init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
         fit_concurrently(jobs)
 
     hessian_path = steps.path("value_hessian")

@@ -280,19 +280,18 @@ def validate(cfg: ValidateConfig | dict | None = None, *, retrainer: Any = None,
     """
     import dataclasses
 
-    from ..utils.ray_env import init_ray
-    from .workers import worker_pool
+    from .workers import start_workers
 
     cfg = as_config(ValidateConfig, cfg, **overrides)
     spec = retrainer if retrainer is not None else _default_spec(cfg)
     scores = precheck(cfg, spec)
     run = RunDir(cfg.run.run_path, overwrite=cfg.run.overwrite, resume=cfg.run.resume)
     run.write_config(_bergson_view(cfg), command="validate")
-    init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
-    plan = worker_pool(cfg.ray)
+    plan = start_workers(cfg.ray, faults=faults)  # one worker in process, or a Ray pool
     if retrainer is None:
         spec = dataclasses.replace(spec, torch_threads=cfg.training.torch_threads or plan.torch_threads)
-    pool = RetrainPool(spec, plan.size, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, faults=faults)
+    pool = RetrainPool(spec, plan.size, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+                       faults=faults, local=plan.in_process)  # fmt: skip
     try:
         shape = pool.call("shape")
         check_scores(scores, shape.num_train_docs, shape.num_query_docs)
