@@ -59,7 +59,7 @@ class ShardedFit:
         self.owners = owners
         self.num_documents = num_documents
         self.faults = faults
-        self.shard_killed = False
+        self.killed_at: set[str] = set()  # test fault plan: stages where a shard was killed
         if local is not None:  # one worker and every shard in this process, no Ray
             from ..actors.local_handles import LocalClass, LocalRay
 
@@ -119,12 +119,13 @@ class ShardedFit:
         return self._shard_cls.remote(k, mods, self.cfg.hessian, self.shard_threads)
 
     def fault_point(self, stage: str) -> None:
-        """Test hook (the driver's one seam): the fault plan may kill a shard here, once."""
+        """Test hook (the driver's one seam): the fault plan may kill a shard here, once
+        per stage."""
         k = None if self.faults is None else self.faults.shard_to_kill(stage)
-        if k is not None and not self.shard_killed:
+        if k is not None and stage not in self.killed_at:
             log.warning("fault plan: killing Hessian shard %d at stage %r", k, stage)
             self.ray.kill(self.shards[k], no_restart=True)
-            self.shard_killed = True
+            self.killed_at.add(stage)
 
     def _replace_shard(self, k: int, what: str) -> None:
         """A fresh actor for shard ``k``, replayed to the current stage from retained refs."""

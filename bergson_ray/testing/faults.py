@@ -42,7 +42,7 @@ class FaultPlan:
     kill_shard: int = 0
     """Which Hessian shard the driver kills (``ray.kill``) ..."""
     kill_shard_at: str | None = None
-    """... and when: one of :data:`SHARD_STAGES` (once per run)."""
+    """... and when: one of :data:`SHARD_STAGES`, or several comma-separated (once at each)."""
     batch_delay_s: float = 0.0
     """Every Ray Data batch takes this much longer (so a test can act mid-run)."""
     trace_dir: str | None = None
@@ -55,8 +55,8 @@ class FaultPlan:
         crashes = (self.crash_worker_after_batches, self.crash_hessian_worker_after_windows)
         if any(c is not None for c in crashes) and not self.crash_marker:
             raise ValueError("a crash needs crash_marker (it keeps restarted workers alive)")
-        if self.kill_shard_at is not None and self.kill_shard_at not in SHARD_STAGES:
-            raise ValueError(f"kill_shard_at must be one of {SHARD_STAGES}")
+        if self.kill_shard_at is not None and not set(self.kill_shard_stages()) <= set(SHARD_STAGES):
+            raise ValueError(f"kill_shard_at must name stages among {SHARD_STAGES}")
 
     # -- seams -------------------------------------------------------------------------
     def after_batch(self, batches: int, node: str) -> None:
@@ -73,8 +73,11 @@ class FaultPlan:
 
     def shard_to_kill(self, stage: str) -> int | None:
         """Hessian driver at ``stage``: the shard to kill, or None. The driver kills at most
-        once (a stage such as ``merge_factors`` is reached several times)."""
-        return self.kill_shard if stage == self.kill_shard_at else None
+        once per stage (a stage such as ``merge_factors`` is reached several times)."""
+        return self.kill_shard if stage in self.kill_shard_stages() else None
+
+    def kill_shard_stages(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in (self.kill_shard_at or "").split(",") if s.strip())
 
     def hides_storage(self, node: str) -> bool:
         """Does ``node`` pretend not to see the run's file system?"""
