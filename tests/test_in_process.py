@@ -89,7 +89,7 @@ def test_hessian_in_process_sums_the_same_bytes_as_a_ray_pool(tmp_path, ray_sess
 def test_local_handles_keep_rays_calling_convention():
     """What ShardedFit relies on in process: results by ``get``, ``num_returns`` splits,
     refs passed as arguments arrive as values, a call's error is raised by ``get``."""
-    from bergson_ray.actors.local_handles import LocalClass, LocalRay
+    from bergson_ray.actors.local_handles import LocalClass, LocalRay, get, kill
 
     class Acc:
         def __init__(self, start):
@@ -116,7 +116,8 @@ def test_local_handles_keep_rays_calling_convention():
     bad = a.fail.remote()  # no exception until get, as with Ray
     with pytest.raises(ValueError, match="boom"):
         ray.get(bad)
-    ray.kill(a)
+    assert get(parts) == [0, 1, 2] and get(first) == 15  # the either-kind helpers
+    kill(a)
     with pytest.raises(AttributeError):
         a.add.remote(1)
 

@@ -82,22 +82,17 @@ class PartialSums(Rows):
     """One fp64 partial sum per batch, pushed to the reducer actor, for ``reduce``."""
 
     reducer: Any
-    """A :class:`~bergson_ray.actors.reducer.Reducer` handle, or the plain
-    :class:`~bergson_ray.actors.reducer.RunningSum` of an in-process run."""
+    """A :class:`~bergson_ray.actors.reducer.Reducer` handle (a local one, from
+    ``local_handles.py``, in an in-process run)."""
 
     def compute(self, runner, idx: np.ndarray) -> dict[str, np.ndarray]:
         return runner.partial_sum(idx)
 
     def deliver(self, out: dict[str, np.ndarray]) -> None:
-        from .reducer import RunningSum
-
-        if isinstance(self.reducer, RunningSum):
-            self.reducer.add(out["idx"], out.pop("sum"))
-            return
-        import ray
+        from .local_handles import get
 
         # Synchronous: the batch only counts as done once the reducer holds its sum.
-        ray.get(self.reducer.add.remote(out["idx"], out.pop("sum")))
+        get(self.reducer.add.remote(out["idx"], out.pop("sum")))
 
 
 @dataclass

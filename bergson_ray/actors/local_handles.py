@@ -102,3 +102,23 @@ class LocalRay:
     def kill(handle, **_ignored) -> None:
         if isinstance(handle, LocalActor):
             handle._obj = None  # drop the object (a worker's model) as a dead actor would
+
+
+def get(ref: Any) -> Any:
+    """``ray.get`` for a ref of either kind (code that may hold a local or a Ray handle)."""
+    refs = ref if isinstance(ref, list) else [ref]
+    if all(isinstance(r, LocalRef) for r in refs):
+        return LocalRay.get(ref)
+    import ray
+
+    return ray.get(ref)
+
+
+def kill(handle: Any) -> None:
+    """``ray.kill`` for a handle of either kind."""
+    if isinstance(handle, LocalActor):
+        LocalRay.kill(handle)
+        return
+    import ray
+
+    ray.kill(handle)

@@ -36,7 +36,7 @@ from ..config import HessianRunConfig, as_config
 from ..errors import BadInputError
 from ..testing.faults import FaultPlan
 from .stages import meta_model, plan_rows
-from .workers import PoolPlan, configure_data_context, local_pool
+from .workers import PoolPlan, start_workers
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +120,18 @@ def fit_modules(
     rows_plan,
     faults: FaultPlan | None,
     num_files: int | None = None,
-    local: PoolPlan | None = None,
+    pool: PoolPlan | None = None,
 ) -> FitResult:
     """One sharded fit of ``modules`` over every window, written under ``dest``
-    (``num_files`` factor files; default one per shard); ``local``: the in-process
-    pool plan of a fit without Ray."""
+    (``num_files`` factor files; default one per shard); ``pool``: the stage's
+    worker pool plan (one worker in this process, or a Ray pool)."""
     import torch
 
     from ..store.processor import ProcessorConfig, save_processor
     from .sharded_fit import ShardedFit
 
     threads = torch.get_num_threads()  # an in-process worker sets its own; restored below
-    fit = ShardedFit(cfg, modules, owners, n, faults=faults, rows=rows_plan, local=local)
+    fit = ShardedFit(cfg, modules, owners, n, faults=faults, rows=rows_plan, pool=pool)
     try:
         fit.start_workers()
         fit.run_pass("factors", windows)
@@ -162,21 +162,6 @@ def fit_modules(
         torch.set_num_threads(threads)
     return FitResult(positions, eig_seconds, memory, fit.pool.size, fit.shard_restarts,
                      dict(fit.timings), fit.reported)
-
-
-def start_fit(cfg: HessianRunConfig, faults: FaultPlan | None) -> PoolPlan | None:
-    """The in-process pool plan when one local worker fits without Ray
-    (``--executor``, ``pipelines/in_process.py``); else Ray is started or joined."""
-    from .in_process import runs_in_process
-
-    if runs_in_process(cfg.ray, faults):
-        log.info("hessian: one worker in this process (no Ray): --executor ray to use Ray")
-        return local_pool(cfg.ray)
-    from ..utils.ray_env import init_ray
-
-    init_ray(cfg.ray.address, namespace=cfg.ray.namespace)
-    configure_data_context()
-    return None
 
 
 def hessian(
@@ -212,11 +197,11 @@ def hessian(
         len(modules),
         len(owners),
     )
-    local = start_fit(cfg, faults)
+    pool = start_workers(cfg.ray, faults=faults)  # one worker in process, or a Ray pool
     windows = index_windows(n, cfg.ray.window_size)
     groups = module_groups(cfg, list(modules))
     if len(groups) == 1:
-        fits = [fit_modules(cfg, modules, owners, n, part, windows, rows_plan, faults, local=local)]
+        fits = [fit_modules(cfg, modules, owners, n, part, windows, rows_plan, faults, pool=pool)]
     else:  # --module_partitions: one pass per group into partition_<g>, then merged
         from ..hessians.partitions import merge_partitions, partition_dirs
 
@@ -228,7 +213,7 @@ def hessian(
             sub = {m: modules[m] for m in group}
             sub_owners = plan_shards(sub_cfg, {m: costs[m] for m in group})
             fits.append(fit_modules(sub_cfg, sub, sub_owners, n, dirs[g], windows, rows_plan,
-                                    faults, num_files=len(owners), local=local))
+                                    faults, num_files=len(owners), pool=pool))
         merge_partitions(part, dirs)
     fit = fits[0]
     positions = fit.positions
@@ -263,7 +248,7 @@ def hessian(
     run.write_summary(
         {
             "command": "hessian",
-            "executor": "ray" if local is None else "process",
+            "executor": "process" if pool.in_process else "ray",
             "method": cfg.hessian.method,
             "ev_correction": cfg.hessian.ev_correction,
             "documents": n,

@@ -14,7 +14,7 @@ already connected in this process, no live ``ray start`` head on this machine, a
 one GPU, no ``--fsdp``, and no worker resources or labels. Anything else runs on Ray
 as before, and so does every run given a test fault plan (it kills Ray workers).
 
-The same decision serves ``hessian`` (``hessian.start_fit``: worker and shards as plain
+The same decision serves ``hessian`` (``sharded_fit.py``: worker and shards as plain
 objects) and the job pools of ``magic``/``validate``/``lissa``/``approxunrolling``
 (``actors/job_pool.py``, ``local=True``), both through ``actors/local_handles.py``.
 """

@@ -40,9 +40,9 @@ def reduce(
 ) -> Path:
     """Aggregate a dataset's (preprocessed) gradients into one row; returns the run dir."""
     import datasets
-    import ray
 
     from ..actors.batch_worker import PartialSums
+    from ..actors.local_handles import LocalClass, get, kill
     from ..actors.reducer import Reducer, RunningSum
     from ..gradients.preprocess import unit_normalize
     from ..store.gradient_writer import GradientStoreWriter
@@ -73,7 +73,7 @@ def reduce(
     pool = start_workers(cfg.ray, monitor, faults)  # Ray only when the pool needs it
     probe = None if pool.in_process else cluster_probe(part, cfg.data, cfg.model, faults)
     if pool.in_process:
-        reducer = RunningSum(n, layout.dim)
+        reducer = LocalClass(RunningSum).remote(n, layout.dim)
     else:
         reducer = Reducer.options(scheduling_strategy=driver_node_strategy()).remote(n, layout.dim)
     spec = runner_spec(cfg, pool.device, advantages, rows_plan)
@@ -81,11 +81,8 @@ def reduce(
     out_ds = run_workers(np.arange(n), spec, sums, cfg.ray, pool, probe=probe, faults=faults)
     for out in stream(out_ds, n, "reduce", monitor=monitor):
         progress.update(out)
-    if pool.in_process:
-        total, counted, dups = reducer.result()
-    else:
-        total, counted, dups = ray.get(reducer.result.remote())
-        ray.kill(reducer)
+    total, counted, dups = get(reducer.result.remote())
+    kill(reducer)
     if counted != n:
         raise RuntimeError(f"reducer counted {counted} of {n} documents")
     if dups:

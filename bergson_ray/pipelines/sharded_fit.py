@@ -10,7 +10,7 @@ driver-owned object ref so a dead shard is replaced and replayed (up to
 ``max_shard_restarts``), and shards are checked against the workers' counts before
 anything is written.
 
-Given an in-process ``local`` pool plan, the same classes run as plain objects in this
+Given an in-process pool plan (``workers.start_workers``), the same classes run as plain objects in this
 process through ``actors/local_handles.py`` (one worker, the shards one after the
 other, no Ray): the same windows in the same order as a one-worker Ray pool.
 """
@@ -48,7 +48,7 @@ class ShardedFit:
         num_documents: int,
         faults: FaultPlan | None = None,
         rows=None,
-        local: PoolPlan | None = None,
+        pool: PoolPlan | None = None,
     ):
         from ..actors import hessian_shard as actors
         from ..runners.gradient_runner import RunnerSpec
@@ -60,18 +60,18 @@ class ShardedFit:
         self.num_documents = num_documents
         self.faults = faults
         self.killed_at: set[str] = set()  # test fault plan: stages where a shard was killed
-        if local is not None:  # one worker and every shard in this process, no Ray
+        self.pool = pool or worker_pool(cfg.ray)
+        local = self.pool.in_process
+        if local:  # one worker and every shard in this process, no Ray
             from ..actors.local_handles import LocalClass, LocalRay
 
             self.ray = LocalRay()
-            self.pool = local
             self._shard_cls = LocalClass(actors.HessianShard)
             self._worker_cls = LocalClass(actors.HessianWorker)
         else:
             import ray
 
             self.ray = ray
-            self.pool = worker_pool(cfg.ray)
             self._shard_cls = actors.RemoteHessianShard
             self._worker_cls = actors.RemoteHessianWorker
         self.spec = HessianSpec(
@@ -91,7 +91,7 @@ class ShardedFit:
         # eigh here: 0.09 s on 1 thread, 2.1 s on 2 threads while the cores are busy).
         # In process, shards use the worker's threads one after the other (0: unchanged).
         self.shard_threads = 0
-        if local is None:
+        if not local:
             from ..utils.ray_env import cluster_cpus
 
             self.shard_threads = max(1, int(cluster_cpus() // (len(owners) + self.pool.size)))
@@ -105,7 +105,7 @@ class ShardedFit:
         self.expected: dict[str, set[str]] = {"factors": set(), "correction": set()}
         # With no replacements allowed there is nothing to replay: free each ref once merged.
         # In process a shard cannot die alone: nothing to keep either.
-        self.keep_refs = cfg.hessian.max_shard_restarts > 0 and local is None
+        self.keep_refs = cfg.hessian.max_shard_restarts > 0 and not local
         self.stages: set[str] = set()
         self.workers: list[Any] = []
         self.incarnation: list[int] = []

@@ -140,11 +140,12 @@ def start_workers(ray_cfg: RayConfig, monitor=None, faults=None) -> PoolPlan:
     to ``monitor``, a :class:`~bergson_ray.utils.metrics.StageMonitor`) and the pool
     is sized for the cluster.
     """
-    from .in_process import runs_in_process
+    from .in_process import local_device, runs_in_process
 
     if runs_in_process(ray_cfg, faults):
         log.info("one worker in this process (no Ray): --executor ray to use a Ray pool")
-        pool = local_pool(ray_cfg)
+        device, threads = local_device(ray_cfg)
+        pool = PoolPlan(1, 0.0, float(device == "cuda"), threads, device, in_process=True)
     else:
         from ..utils.ray_env import init_ray
 
@@ -156,14 +157,6 @@ def start_workers(ray_cfg: RayConfig, monitor=None, faults=None) -> PoolPlan:
     if monitor is not None:
         monitor.executor = "process" if pool.in_process else "ray"
     return pool
-
-
-def local_pool(ray_cfg: RayConfig) -> PoolPlan:
-    """The plan of a stage's one worker in this process (``pipelines/in_process.py``)."""
-    from .in_process import local_device
-
-    device, threads = local_device(ray_cfg)
-    return PoolPlan(1, 0.0, float(device == "cuda"), threads, device, in_process=True)
 
 
 def configure_data_context() -> None:
