@@ -67,3 +67,37 @@ def test_quickstart_end_to_end(tmp_path, tiny_assets):
     assert out.stdout.count("query:") == 2
     assert out.stdout.count("  5. row") == 2
     assert (tmp_path / "qs" / "index" / "info.json").exists()
+
+
+EXIT_NOW = """
+import atexit, sys, threading, time
+from bergson_ray.cli.main import exit_now
+out = sys.argv[1]
+atexit.register(lambda: open(out + ".atexit", "w").write("ran"))
+if sys.argv[2] == "thread":  # a non-daemon thread still working: wait for it
+    threading.Thread(target=lambda: (time.sleep(0.5), open(out + ".thread", "w").write("done"))).start()
+sys.stdout.write("x" * 200_000)  # buffered, not yet flushed
+exit_now(3)
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "thread", "profiled"])
+def test_the_fast_exit_loses_nothing(tmp_path, mode):
+    """``exit_now`` skips the interpreter's teardown, but not the atexit handlers (Ray's
+    shutdown), buffered output, the exit code, a thread that is still writing, or a
+    profiler's output (written after the program returns)."""
+    script = tmp_path / "exit_now.py"
+    script.write_text(EXIT_NOW)
+    prof = tmp_path / "run.prof"
+    runner = ["-m", "cProfile", "-o", str(prof)] if mode == "profiled" else []
+    out = subprocess.run(
+        [sys.executable, *runner, str(script), str(tmp_path / "f"), mode],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == (0 if mode == "profiled" else 3), out.stderr[-2000:]  # cProfile: 0
+    assert out.stdout.startswith("x" * 200_000)
+    assert (tmp_path / "f.atexit").read_text() == "ran"
+    if mode == "thread":
+        assert (tmp_path / "f.thread").read_text() == "done"
+    if mode == "profiled":
+        assert prof.stat().st_size > 0

@@ -672,7 +672,7 @@ def _console_scripts() -> dict[str, str]:
 
 def test_console_script_is_what_the_image_runs():
     scripts = _console_scripts()
-    assert scripts.get(PROG) == "bergson_ray.cli.main:main"
+    assert scripts.get(PROG) == "bergson_ray.cli.main:entry"
     text = DOCKERFILE.read_text(encoding="utf-8")
     entry = re.findall(r"^(?:ENTRYPOINT|CMD)\s+(.*)$", text, re.M)
     in_entry = any(PROG in e for e in entry)

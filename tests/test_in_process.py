@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -166,24 +167,46 @@ def test_process_executor_refuses_what_needs_ray(kw, words):
         RayConfig(executor="process", **kw)
 
 
-def test_cli_build_starts_no_ray(tmp_path, tiny_assets):
-    """A plain one-worker ``build`` on this machine: no Ray process is started, the thread
-    count follows the machine, and the summary says where it ran."""
+def test_one_worker_commands_never_import_ray(tmp_path, tiny_assets):
+    """Plain one-worker ``build``, ``score``, ``reduce`` and ``hessian`` on this machine,
+    one after another in one process: Ray is not even imported (its import alone costs
+    ~0.4 s), the thread count follows the machine, and the summaries say where they ran."""
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "from bergson_ray.cli.main import main\n"
-        "rc = main(sys.argv[1:])\n"
-        "print('RAY_IMPORTED' if 'ray' in sys.modules and sys.modules['ray'].is_initialized() else 'NO_RAY')\n"
-        "sys.exit(rc)\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    assert main(argv) == 0, argv\n"
+        "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\n"
     )
-    run = tmp_path / "b"
+    data = ["--dataset", "tiny", "--split", "train[:6]", "--truncation", "true"]
+    b, s, r, h = (tmp_path / k for k in "bsrh")
+    commands = [
+        ["build", str(b), *data, "--projection_dim", "4"],
+        ["score", str(s), *data, "--projection_dim", "4", "--query_path", str(b), "--score", "mean"],
+        ["reduce", str(r), *data, "--projection_dim", "4"],
+        ["hessian", str(h), *data],
+    ]
     out = subprocess.run(
-        [sys.executable, "-c", code, "build", str(run), "--dataset", "tiny",
-         "--split", "train[:6]", "--projection_dim", "4", "--truncation", "true"],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300,
-        cwd=os.getcwd(),
-    )  # fmt: skip
+        [sys.executable, "-c", code, json.dumps(commands)],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=os.getcwd(),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "NO_RAY"
-    s = summary(run)
-    assert s["executor"] == "process" and s["rows"] == 6
+    for run in (b, s, r):
+        assert summary(run)["executor"] == "process", run
+    assert summary(b)["rows"] == 6
+
+
+def test_the_start_up_clock_starts_with_the_process():
+    """``summary.json``'s start-up breakdown counts from the process's start: read to the
+    kernel's tick, not psutil's (boot time in whole seconds, up to 1 s off)."""
+    before = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import time; from bergson_ray.utils.metrics import _process_start; "
+         "print(repr(_process_start()), repr(time.time()))"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    after = time.time()
+    start, now = map(float, out.stdout.split())
+    assert before - 0.02 <= start <= now <= after

@@ -106,17 +106,37 @@ def test_a_dead_address_is_an_error_within_seconds():
     ray_env.check_reachable("auto")  # left to Ray
 
 
-def test_a_dead_recorded_head_starts_a_fresh_local_ray(monkeypatch):
+def _record_head(monkeypatch, tmp_path, address: str | None) -> None:
+    """Point Ray's temp dir at ``tmp_path`` and record ``address`` there as ``ray start``
+    does (None: nothing recorded)."""
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    if address is not None:
+        (tmp_path / "ray").mkdir(exist_ok=True)
+        (tmp_path / "ray" / "ray_current_cluster").write_text(address + "\n")
+
+
+@pytest.mark.parametrize("address", [None, "127.0.0.1:6391"])
+def test_the_recorded_head_is_read_as_ray_reads_it(monkeypatch, tmp_path, address):
+    """``recorded_local_head`` reads Ray's file itself (so asking imports no Ray); it must
+    find what Ray's own lookup finds, for RAY_TMPDIR and TMPDIR alike."""
+    from ray._private.services import find_bootstrap_address
+
+    _record_head(monkeypatch, tmp_path, address)
+    assert ray_env.recorded_local_head() == address == (find_bootstrap_address(None) or None)
+    monkeypatch.delenv("RAY_TMPDIR")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert ray_env.recorded_local_head() == address == (find_bootstrap_address(None) or None)
+
+
+def test_a_dead_recorded_head_starts_a_fresh_local_ray(monkeypatch, tmp_path):
     """A crashed ``ray start`` head left in Ray's temp dir used to make every later plain
     command retry it for minutes; now the command starts its own local Ray at once."""
     import socket
 
-    from ray._private import services
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
-    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: dead)
+    _record_head(monkeypatch, tmp_path, dead)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ray_env.stale_local_head() == dead
     calls = _capture(monkeypatch)
@@ -125,10 +145,8 @@ def test_a_dead_recorded_head_starts_a_fresh_local_ray(monkeypatch):
     assert calls[0]["address"] == "local"
 
 
-def test_no_recorded_head_is_not_stale(monkeypatch):
-    from ray._private import services
-
-    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+def test_no_recorded_head_is_not_stale(monkeypatch, tmp_path):
+    _record_head(monkeypatch, tmp_path, None)
     assert ray_env.stale_local_head() is None
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BergsonRayError, encode_error
+from ..utils.ray_env import node_id, ray_running
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +111,13 @@ class Scores(Rows):
     query_batch_size: int | None = None
 
     def setup(self) -> None:
-        import ray
         import torch
 
-        ref = self.query_ref
-        value = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        value = self.query_ref
+        if ray_running():  # in the driver's process it is the array itself
+            import ray
+
+            value = ray.get(value) if isinstance(value, ray.ObjectRef) else value
         # object-store arrays are read-only views; torch wants memory it may own
         self.query = torch.from_numpy(np.array(value, dtype=np.float32))
 
@@ -128,14 +131,12 @@ class BatchWorker:
     runner=..., probe=..., faults=...))``."""
 
     def __init__(self, spec, output: Rows, runner, probe=None, faults=None):
-        import ray
-
         t0 = time.perf_counter()
         self.output = output
         self.faults = faults
         from ..utils.metrics import node_key
 
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        self.node = node_id()
         self.node_key = node_key(self.node)
         self.batches = 0
         self.init_error: str | None = None

@@ -25,8 +25,9 @@ import os
 import resource
 from collections.abc import Mapping
 
-import ray
 import torch
+
+from .local_handles import lazy_actor_classes
 
 log = logging.getLogger(__name__)
 
@@ -136,5 +137,9 @@ class HessianWorker:
 
 # The Ray actors. The plain classes above run in the driver's process for a one-worker
 # fit on one machine (``pipelines/sharded_fit.py``, ``actors/local_handles.py``).
-RemoteHessianShard = ray.remote(num_cpus=0, max_restarts=0)(HessianShard)
-RemoteHessianWorker = ray.remote(max_restarts=0)(HessianWorker)
+__getattr__ = lazy_actor_classes(
+    __name__,
+    RemoteHessianShard=(HessianShard, dict(num_cpus=0, max_restarts=0)),
+    RemoteHessianWorker=(HessianWorker, dict(max_restarts=0)),
+)
+"""``RemoteHessianShard`` / ``RemoteHessianWorker``: the Ray actors (made on first use)."""

@@ -92,7 +92,7 @@ class JobPool:
 
     def run(self, jobs: list[Any], on_result: Callable[..., None] | None = None) -> PoolStats:
         """Run every job; ``on_result(job, result)`` as each one finishes."""
-        from ray.exceptions import RayActorError
+        RayActorError = self.ray.exceptions.RayActorError
 
         ray = self.ray
 

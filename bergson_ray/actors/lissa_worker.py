@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..utils.ray_env import node_id
 from .job_pool import JobPool, peak_rss_mib
 from .lissa_runner import LissaRunner, LissaSpec, repeat_path, write_repeat
 
@@ -19,12 +20,10 @@ class LissaWorker:
     """Ray actor around :class:`~bergson_ray.actors.lissa_runner.LissaRunner`."""
 
     def __init__(self, spec: LissaSpec, faults: Any = None):
-        import ray
-
         self.runner = LissaRunner(spec)
         self.faults = faults
         self.jobs_done = 0
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        self.node = node_id()
 
     def scale_check(self) -> float:
         return self.runner.scale_check()

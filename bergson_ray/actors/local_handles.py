@@ -16,8 +16,32 @@ MAGIC columns, LiSSA repeats, SOURCE passes).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+
+def lazy_actor_classes(module: str, **actors: tuple[type, dict]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that makes each named Ray actor class on first use.
+
+    ``Reducer = ray.remote(...)(RunningSum)`` at module level imports Ray with the module;
+    a run in the driver's process uses the plain class and must not pay Ray's import
+    (~0.4 s). ``__getattr__ = lazy_actor_classes(__name__, Reducer=(RunningSum, options))``
+    makes ``from .reducer import Reducer`` import Ray then, once.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in actors:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        import ray
+
+        cls, options = actors[name]
+        actor = ray.remote(**options)(cls)
+        setattr(sys.modules[module], name, actor)
+        return actor
+
+    return __getattr__
 
 
 @dataclass(eq=False)
@@ -84,8 +108,19 @@ class LocalClass:
         )
 
 
+class _LocalExceptions:
+    """``ray.exceptions`` for :class:`LocalRay`: an object in this process cannot die on
+    its own as an actor can, so its "actor died" error is never raised; a pipeline can
+    catch ``self.ray.exceptions.RayActorError`` without importing Ray."""
+
+    class RayActorError(Exception):
+        pass
+
+
 class LocalRay:
     """The part of the ``ray`` module an actor pipeline calls."""
+
+    exceptions = _LocalExceptions
 
     @staticmethod
     def get(refs, **_ignored):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..utils.ray_env import node_id
 from .job_pool import JobPool, peak_rss_mib
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,10 @@ class MagicWorker:
     """Ray actor: builds the MAGIC engine once from ``spec``, then computes columns."""
 
     def __init__(self, spec: Any, faults: Any = None):
-        import ray
-
         self.engine = spec.build()
         self.faults = faults
         self.jobs_done = 0
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        self.node = node_id()
 
     def shape(self) -> Any:
         return self.engine.shape()

@@ -9,7 +9,8 @@ remembers which documents it has counted and ignores a repeated batch, making
 from __future__ import annotations
 
 import numpy as np
-import ray
+
+from .local_handles import lazy_actor_classes
 
 
 class RunningSum:
@@ -40,4 +41,5 @@ class RunningSum:
         return self.total, int(self.counted.sum()), self.duplicates
 
 
-Reducer = ray.remote(num_cpus=0, max_restarts=0)(RunningSum)
+__getattr__ = lazy_actor_classes(__name__, Reducer=(RunningSum, dict(num_cpus=0, max_restarts=0)))
+"""``Reducer``: :class:`RunningSum` as a Ray actor (made on first use)."""

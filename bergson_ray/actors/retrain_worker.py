@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utils.ray_env import node_id
 from .job_pool import JobPool
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,11 @@ class RetrainWorker:
     """Ray actor: builds the retraining engine once from ``spec``, then runs jobs."""
 
     def __init__(self, spec: Any, faults: Any = None):
-        import ray
-
         self.engine = spec.build()
         self.faults = faults
         self.jobs_done = 0
         self._shape: Any = None
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        self.node = node_id()
 
     def shape(self) -> Any:
         if self._shape is None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import BatchConfig, DataConfig, GradientConfig, HessianConfig, ModelConfig
+from ..utils.ray_env import node_id
 from .job_pool import JobPool, peak_rss_mib
 
 log = logging.getLogger(__name__)
@@ -85,12 +86,7 @@ class UnrollingWorker:
         self.cached_models = 1 if spec.device == "cuda" else CPU_CACHED_MODELS
         self._fitter: tuple[tuple, Any] | None = None
         self._query: tuple[str, torch.Tensor] | None = None
-        try:
-            import ray
-
-            self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        except ImportError:  # pragma: no cover - in-process use without Ray
-            self.node = "local"
+        self.node = node_id()
 
     # -- cached state ------------------------------------------------------------
     def runner(self, checkpoint: int, query: bool = False):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import BuildConfig, as_config
+from ..data.length_order import longest_first
 from ..errors import BadInputError
 from ..testing.faults import FaultPlan
 from .stages import (
@@ -110,7 +111,8 @@ def build(
         probe = None if pool.in_process else cluster_probe(part, cfg.data, cfg.model, faults)
         spec = runner_spec(cfg, pool.device, advantages, rows_plan)
         rows = StoredRows(str(part))  # the workers write the rows; the driver flags them
-        out_ds = run_workers(todo, spec, rows, cfg.ray, pool, probe=probe, faults=faults)
+        work = longest_first(ds, todo, cfg.data, rows_plan)  # similar lengths share a window
+        out_ds = run_workers(work, spec, rows, cfg.ray, pool, probe=probe, faults=faults)
         for k, out in enumerate(stream(out_ds, len(todo), "build", monitor=monitor)):
             progress.update(out)  # first: a row marked written must have its loss/length
             writer.mark_written(out["idx"])  # its bytes were synced before the batch returned

@@ -171,8 +171,6 @@ def hessian(
 
     ``bergson_ray.hessian(run_path="runs/h", method="kfac", ev_correction=True)``
     """
-    import ray  # noqa: F401  (fail early if Ray is missing)
-
     from ..data.loading import check_columns, load_dataset_rows
     from ..store.processor import write_total_processed
     from ..store.run_dir import RunDir

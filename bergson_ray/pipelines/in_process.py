@@ -22,12 +22,12 @@ objects) and the job pools of ``magic``/``validate``/``lissa``/``approxunrolling
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from ..config import RayConfig
+from ..utils.ray_env import ray_running
 
 
 def runs_in_process(ray_cfg: RayConfig, faults=None) -> bool:
@@ -42,8 +42,7 @@ def runs_in_process(ray_cfg: RayConfig, faults=None) -> bool:
         return False
     if ray_cfg.address or os.environ.get("RAY_ADDRESS", "").strip():
         return False
-    ray = sys.modules.get("ray")  # never import Ray just to ask
-    if ray is not None and ray.is_initialized():
+    if ray_running():
         return False
     if _local_gpus() > 1:
         return False

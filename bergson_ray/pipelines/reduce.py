@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..config import BuildConfig, as_config
+from ..data.length_order import longest_first
 from ..errors import BadInputError
 from ..testing.faults import FaultPlan
 from .stages import (
@@ -43,7 +44,7 @@ def reduce(
 
     from ..actors.batch_worker import PartialSums
     from ..actors.local_handles import LocalClass, get, kill
-    from ..actors.reducer import Reducer, RunningSum
+    from ..actors.reducer import RunningSum
     from ..gradients.preprocess import unit_normalize
     from ..store.gradient_writer import GradientStoreWriter
     from ..store.processor import ProcessorConfig, save_processor, write_total_processed
@@ -75,10 +76,13 @@ def reduce(
     if pool.in_process:
         reducer = LocalClass(RunningSum).remote(n, layout.dim)
     else:
+        from ..actors.reducer import Reducer
+
         reducer = Reducer.options(scheduling_strategy=driver_node_strategy()).remote(n, layout.dim)
     spec = runner_spec(cfg, pool.device, advantages, rows_plan)
     sums = PartialSums(reducer)
-    out_ds = run_workers(np.arange(n), spec, sums, cfg.ray, pool, probe=probe, faults=faults)
+    work = longest_first(ds, np.arange(n), cfg.data, rows_plan)  # similar lengths share a window
+    out_ds = run_workers(work, spec, sums, cfg.ray, pool, probe=probe, faults=faults)
     for out in stream(out_ds, n, "reduce", monitor=monitor):
         progress.update(out)
     total, counted, dups = get(reducer.result.remote())

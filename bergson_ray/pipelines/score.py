@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..config import BuildConfig, PreprocessConfig, ScoreRunConfig, as_config
+from ..data.length_order import longest_first
 from ..errors import BadInputError, StoreError
 from ..testing.faults import FaultPlan
 from ..utils.dtypes import torch_dtype
@@ -180,8 +181,6 @@ def score(
     cfg: ScoreRunConfig | dict | None = None, *, faults: FaultPlan | None = None, **overrides
 ) -> Path:
     """Score a dataset against ``query_path``; returns the finished run directory."""
-    import ray
-
     from ..actors.batch_worker import Scores
     from ..store.processor import ProcessorConfig, save_processor, write_total_processed
     from ..store.run_dir import RunDir
@@ -237,9 +236,14 @@ def score(
         index_cfg = dataclasses.replace(cfg, preprocess=index_side_preprocess(cfg.preprocess))
         spec = runner_spec(index_cfg, pool.device, advantages, rows_plan)
         spec.token_influence = cfg.token_influence
-        bank = query.numpy() if pool.in_process else ray.put(query.numpy())  # fetched once per worker
+        bank = query.numpy()
+        if not pool.in_process:
+            import ray
+
+            bank = ray.put(bank)  # fetched once per worker
         scores = Scores(bank, cfg.score.score, cfg.score.query_batch_size)
         work = todo if cand is None else cand[todo]  # workers see dataset (planned) rows
+        work = longest_first(ds, work, cfg.data, rows_plan)  # similar lengths share a window
         out_ds = run_workers(work, spec, scores, cfg.ray, pool, probe=probe, faults=faults)
         for k, out in enumerate(stream(out_ds, len(todo), "score", monitor=monitor)):
             if cand is not None:  # dataset row -> its row in the compact store

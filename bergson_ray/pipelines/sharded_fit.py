@@ -159,7 +159,7 @@ class ShardedFit:
 
     def gather(self, calls: list[tuple[int, Callable[[Any], Any]]], what: str) -> list[Any]:
         """Issue ``fn(shard_k)`` for each ``(k, fn)`` and wait; replace dead shards and retry."""
-        from ray.exceptions import RayActorError
+        RayActorError = self.ray.exceptions.RayActorError
 
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
@@ -237,7 +237,7 @@ class ShardedFit:
         self.timings[f"{kind}_pass_s"] = round(time.perf_counter() - t0, 3)
 
     def _drain(self, kind, todo, windows, done, stats, bar) -> None:
-        from ray.exceptions import RayActorError
+        RayActorError = self.ray.exceptions.RayActorError
 
         inflight: dict[Any, tuple[int, int]] = {}
         while todo or inflight:
@@ -275,7 +275,7 @@ class ShardedFit:
 
     def _hand_over(self, kind: str, done, stats, todo) -> None:
         """Take every busy worker's sums; a worker that died first has its windows re-queued."""
-        from ray.exceptions import RayActorError
+        RayActorError = self.ray.exceptions.RayActorError
 
         k = len(self.shards)
         handed: dict[int, list[Any]] = {}
@@ -356,7 +356,7 @@ class ShardedFit:
         self.on_shards("finalize_correction", self.num_documents, what="EK-FAC correction")
 
     def _alive(self, k: int) -> bool:
-        from ray.exceptions import RayActorError
+        RayActorError = self.ray.exceptions.RayActorError
 
         try:
             self.ray.get(self.shards[k].ping.remote())

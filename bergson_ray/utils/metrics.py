@@ -19,11 +19,14 @@ Metrics are best effort: without Ray (or outside a Ray process) they are skipped
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from typing import Any
 
 import numpy as np
+
+from .ray_env import ray_running
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +63,9 @@ class _RayMetrics:
 
 
 def _ray_metrics(stage: str, run: str) -> _RayMetrics | None:
+    if not ray_running():  # an in-process run: no metrics agent to report to
+        return None
     try:
-        import ray
-
-        if not ray.is_initialized():
-            return None
         return _RayMetrics(stage, run)
     except Exception as err:  # noqa: BLE001 - metrics must never break a run
         log.debug("Ray metrics unavailable: %s", err)
@@ -82,11 +83,12 @@ def node_key(node_id: str) -> int:
 
 def _node_names() -> dict:
     """``{node_key: node id}`` for the nodes Ray knows (dead ones included)."""
+    if not ray_running():
+        return {}
     try:
         import ray
 
-        if ray.is_initialized():
-            return {node_key(n["NodeID"]): n["NodeID"] for n in ray.nodes()}
+        return {node_key(n["NodeID"]): n["NodeID"] for n in ray.nodes()}
     except Exception as err:  # noqa: BLE001 - accounting must never break a run
         log.debug("node names unavailable: %s", err)
     return {}
@@ -235,6 +237,19 @@ class StageMonitor:
 
 
 def _process_start() -> float:
+    """This process's start as a wall-clock time, to the kernel's 10 ms tick.
+
+    ``psutil``'s ``create_time`` adds the start tick to the boot time, which Linux gives
+    in whole seconds: up to a second off, as much as the start-up target's margin. On
+    Linux the process's age is read against the same clock the tick counts on.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, in ticks
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
     try:
         import psutil
 
