@@ -92,6 +92,17 @@ def test_rows_are_handed_out_longest_text_first():
     assert longest_first(numbers, np.arange(3), DataConfig()).tolist() == [0, 1, 2]
 
 
+def test_windows_are_consecutive_slices_of_window_size():
+    """What a worker sees: the rows in their order, ``window`` at a time (Ray's
+    ``map_batches(batch_size=window)`` cuts the same), every row once."""
+    from bergson_ray.pipelines.workers import index_windows
+
+    rows = np.array([7, 3, 9, 0, 4, 1, 8])
+    assert [w.tolist() for w in index_windows(rows, 3)] == [[7, 3, 9], [0, 4, 1], [8]]
+    assert [w.tolist() for w in index_windows(rows, 10)] == [rows.tolist()]
+    assert index_windows(np.zeros(0, np.int64), 4) == []
+
+
 def test_longest_first_windows_pack_tighter_on_the_tiny_corpus(tiny_assets):
     """Why the order exists: 64-row windows cut from it pack into fewer and less padded
     token batches than windows cut in the dataset's order."""

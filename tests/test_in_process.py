@@ -51,6 +51,11 @@ def test_process_and_ray_pools_give_the_same_results(tmp_path, ray_session, tiny
     np.testing.assert_allclose(*one, rtol=1e-6)
     assert summary(bp)["startup"]["ray_start_s"] == 0.0
     assert summary(bp)["rows_per_node"] == {"driver": N}
+    for run in (bp, br):  # the first gradients come after the stage began, before a window is back
+        st = summary(run)["startup"]
+        stage_begun = st["process_to_stage_s"] + st["ray_start_s"]
+        first_window = stage_begun + st["workers_to_first_batch_s"]
+        assert stage_begun < st["first_gradient_s"] <= first_window + 0.01, st
 
 
 @pytest.mark.ray
@@ -210,3 +215,36 @@ def test_the_start_up_clock_starts_with_the_process():
     after = time.time()
     start, now = map(float, out.stdout.split())
     assert before - 0.02 <= start <= now <= after
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("max_blocks", [4096, 2])  # one window per block; several per block
+def test_a_ray_pool_gets_the_in_process_windows(ray_session, monkeypatch, max_blocks):
+    """The Ray dataset's blocks are whole windows, so ``map_batches(batch_size=window)``
+    gives a Ray worker the windows a worker in the driver's process gets (the same
+    documents share padded batches, hence the same bytes)."""
+    import ray
+
+    from bergson_ray.pipelines import workers
+
+    class SeenWindows:  # defined here: Ray pickles it by value (workers cannot import tests)
+        """Tags each row with the first row and the size of its batch."""
+
+        def __call__(self, batch):
+            idx = batch["idx"]
+            return {"idx": idx, "first": np.full(len(idx), idx[0]), "size": np.full(len(idx), len(idx))}
+
+    monkeypatch.setattr(workers, "MAX_BLOCKS", max_blocks)
+    rows = np.random.default_rng(0).permutation(23)
+    ds = workers.index_dataset(rows, 5).map_batches(
+        SeenWindows, batch_size=5, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+    )  # fmt: skip
+    out = {k: np.concatenate([b[k] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+           for k in ("idx", "first", "size")}  # fmt: skip
+    seen = {}
+    for i, first, size in zip(out["idx"], out["first"], out["size"]):
+        seen.setdefault(int(first), []).append(int(i))
+        assert len(seen[int(first)]) <= size
+    want = workers.index_windows(rows, 5)
+    assert sorted(map(sorted, seen.values())) == sorted(sorted(w.tolist()) for w in want)

@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 
 from ..config import HessianRunConfig, as_config
+from ..data.length_order import longest_first
 from ..errors import BadInputError
 from ..testing.faults import FaultPlan
 from .stages import meta_model, plan_rows
-from .workers import PoolPlan, start_workers
+from .workers import PoolPlan, index_windows, start_workers
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,6 @@ def plan_shards(cfg: HessianRunConfig, costs: dict[str, float]) -> list[list[str
         log.warning("%d shards for %d modules: using %d", k, len(costs), len(costs))
         k = len(costs)
     return assign_modules(costs, k)
-
-
-def index_windows(n: int, window: int) -> list[np.ndarray]:
-    return [
-        np.arange(lo, min(lo + window, n), dtype=np.int64) for lo in range(0, n, max(1, window))
-    ]
 
 
 def module_groups(cfg: HessianRunConfig, names: list[str]) -> list[list[str]]:
@@ -196,7 +191,8 @@ def hessian(
         len(owners),
     )
     pool = start_workers(cfg.ray, faults=faults)  # one worker in process, or a Ray pool
-    windows = index_windows(n, cfg.ray.window_size)
+    rows = longest_first(ds, np.arange(n), cfg.data, rows_plan)  # similar lengths share a window
+    windows = index_windows(rows, cfg.ray.window_size)
     groups = module_groups(cfg, list(modules))
     if len(groups) == 1:
         fits = [fit_modules(cfg, modules, owners, n, part, windows, rows_plan, faults, pool=pool)]

@@ -25,6 +25,9 @@ from ..errors import BergsonRayError, decode_error, unwrap
 
 log = logging.getLogger(__name__)
 
+MAX_BLOCKS = 4096
+"""Blocks of the index dataset at most (Ray's per-block overhead on huge corpora)."""
+
 
 @dataclass
 class PoolPlan:
@@ -88,7 +91,10 @@ def worker_pool(ray_cfg: RayConfig) -> PoolPlan:
 
 
 def index_dataset(indices: np.ndarray, window: int):
-    """A Ray dataset of row indices (column ``idx``), one block per ~window.
+    """A Ray dataset of row indices (column ``idx``) whose blocks are whole windows of
+    :func:`index_windows` (one per block, or several once there would be more than 4096
+    blocks), so ``map_batches(batch_size=window)`` hands the workers exactly those
+    windows: the same batches as a worker in the driver's process.
 
     Built from in-memory Arrow tables, so the pipeline is just input -> worker pool: no
     read, repartition or rename tasks (each would start a Ray worker process, costing
@@ -97,15 +103,19 @@ def index_dataset(indices: np.ndarray, window: int):
     import pyarrow as pa
     import ray
 
-    return ray.data.from_arrow([pa.table({"idx": part}) for part in index_windows(indices, window)])
+    windows = index_windows(indices, window) or [np.zeros(0, dtype=np.int64)]
+    per_block = math.ceil(len(windows) / MAX_BLOCKS)
+    blocks = [np.concatenate(windows[k : k + per_block]) for k in range(0, len(windows), per_block)]
+    return ray.data.from_arrow([pa.table({"idx": part}) for part in blocks])
 
 
 def index_windows(indices: np.ndarray, window: int) -> list[np.ndarray]:
-    """``indices`` cut into at most ``window``-long, near-equal consecutive parts: the
-    batches a worker sees (the Ray dataset's blocks, or the in-process worker's calls)."""
+    """``indices`` in consecutive ``window``-long parts (the last one shorter): the windows
+    a worker sees. A Ray pool's ``map_batches(batch_size=window)`` cuts the same ones, so
+    a window's documents share their padded batches wherever it runs."""
     idx = np.asarray(indices, dtype=np.int64)
-    blocks = max(1, min(4096, math.ceil(len(idx) / max(1, window))))
-    return np.array_split(idx, blocks)
+    step = max(1, window)
+    return [idx[lo : lo + step] for lo in range(0, len(idx), step)]
 
 
 def run_workers(

@@ -13,6 +13,7 @@ query actor and local single-process runs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,6 +99,8 @@ class GradientRunner:
         from ..data.loading import DatasetRows
 
         self.spec = spec
+        self.first_batch_wall: float | None = None
+        """Wall time the first packed batch's gradients were done (``summary.json``)."""
         model, self.tokenizer = load_model(spec.model, spec.device)
         scale_logits(model, spec.grad.logit_scale)  # --logit_scale: a hook on the LM head
         normalizers = None
@@ -163,7 +166,10 @@ class GradientRunner:
         from ..data.batching import collate
 
         for positions in self.batches(docs):
-            yield positions, self.engine.compute(collate([docs[j] for j in positions]))
+            result = self.engine.compute(collate([docs[j] for j in positions]))
+            if self.first_batch_wall is None:
+                self.first_batch_wall = time.time()  # start-up breakdown: first gradients
+            yield positions, result
 
     # -- the worker's job ----------------------------------------------------------
     def gradients(self, idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -122,6 +122,9 @@ class StageMonitor:
         self._metrics = _ray_metrics(stage, run)
         self.t0_wall = time.time()
         self.first_wall: float | None = None
+        """When the first output batch (a whole window) reached the driver."""
+        self.first_grad_wall: float | None = None
+        """When a worker finished its first packed batch's gradients (from its report)."""
         self.ray_seconds = 0.0
         """Set by the pipeline to what ``init_ray`` took (start-up breakdown)."""
         self.worker_setup = 0.0
@@ -151,6 +154,10 @@ class StageMonitor:
             self.compute_seconds += float(np.asarray(batch["compute_s"]).sum())
         if "setup_s" in batch and rows:
             self.worker_setup = max(self.worker_setup, float(np.asarray(batch["setup_s"]).max()))
+        lag = float(np.asarray(batch["first_grad_lag_s"]).max()) if "first_grad_lag_s" in batch and rows else 0.0
+        if lag > 0:  # a worker's first output: its first gradient batch finished `lag` s ago
+            first_grad = time.time() - lag
+            self.first_grad_wall = min(self.first_grad_wall or first_grad, first_grad)
         now = time.perf_counter()
         if self._first is None:
             self._first = (now, self.rows, self.tokens)
@@ -223,15 +230,17 @@ class StageMonitor:
         stage (interpreter, imports, config, dataset open, layout planning), Ray's
         start or connection, the workers until the first batch came back (actor start,
         imports, model load, first batch), inside that the slowest worker's set-up,
-        and the total from process start to the first gradients."""
+        and the total from process start to the first gradients: the first packed batch
+        a worker finished, or (when no worker reported one) the first window back."""
         start = _process_start()
         first = self.first_wall if self.first_wall is not None else time.time()
+        first_grad = self.first_grad_wall if self.first_grad_wall is not None else first
         out = {
             "process_to_stage_s": self.t0_wall - start,
             "ray_start_s": self.ray_seconds,
             "workers_to_first_batch_s": first - self.t0_wall - self.ray_seconds,
             "worker_setup_s": self.worker_setup,
-            "first_gradient_s": first - start,
+            "first_gradient_s": first_grad - start,
         }
         return {k: round(max(v, 0.0), 3) for k, v in out.items()}
 
