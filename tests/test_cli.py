@@ -101,3 +101,22 @@ def test_the_fast_exit_loses_nothing(tmp_path, mode):
         assert (tmp_path / "f.thread").read_text() == "done"
     if mode == "profiled":
         assert prof.stat().st_size > 0
+
+
+def test_a_command_line_builds_only_its_commands_parser():
+    """Start-up: ``bergson-ray build ...`` imports the build command's module, not the
+    other 21; a misspelt command still lists them all."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from bergson_ray.cli.main import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--log_level', 'WARNING', 'build', '--help'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('bergson_ray.cli.') and\n"
+        "             m.split('.')[-1] in __import__('bergson_ray.cli.main').cli.main.COMMANDS))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['bergson_ray.cli.build']"
+    typo = subprocess.run([sys.executable, "-m", "bergson_ray", "buidl"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert typo.returncode == 2 and "'trak'" in typo.stderr and "'build'" in typo.stderr

@@ -24,7 +24,9 @@ query is built by the ``build`` / ``reduce`` pipelines before the pool starts. `
 reuses every finished piece (a per-checkpoint fit, a segment, the query, a checkpoint's
 scores) unless something it is made from was recomputed; without it (or ``--overwrite``)
 an existing run is refused. All settings are checked, checkpoints found, architectures
-compared and learning rates read before Ray starts.
+compared and learning rates read before Ray starts (``approxunrolling_plan.py``: the
+plan and the run directory's pieces; here the passes, the driver-side math and the
+command).
 """
 
 from __future__ import annotations
@@ -33,10 +35,8 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,22 +46,22 @@ import yaml
 
 from ..config import BuildConfig, PreprocessConfig, RunConfig, as_config
 from ..config.approxunrolling import ApproxUnrollingRunConfig
-from ..errors import BadInputError, RunExistsError, StoreError
-from ..hessians.specs import ModuleSpec
+from ..errors import BadInputError, StoreError
 from ..unrolling import checkpoints as ck
-from ..unrolling.segments import (
-    lr_times_steps,
-    lr_times_steps_from_lists,
-    segment_boundaries,
-    segment_indices,
-    step_to_lr,
+from .approxunrolling_plan import (
+    COMMAND,
+    CONFIG_YAML,
+    SUMMARY,
+    Plan,
+    Steps,
+    ckpt_dir,
+    plan_run,
+    seg_dir,
 )
+from .stages import with_default_query
 
 log = logging.getLogger(__name__)
 
-COMMAND = "approxunrolling"
-SUMMARY = "approxunrolling.json"
-CONFIG_YAML = "config.yaml"
 LAMBDA_DIR = "averaged_ev_correct_sharded"
 """bergson's name for a checkpoint's EK-FAC sums in its segment's eigenbasis."""
 CORRECTION_DIR = "eigenvalue_correction_sharded"
@@ -70,205 +70,6 @@ CKPT_INFO = "unrolling.json"
 MAX_CHUNKS = 16
 """Jobs per checkpoint and pass at most: each factor job returns a full set of factor
 sums, so the traffic is bounded by this, whatever the dataset size."""
-
-
-@dataclass
-class Plan:
-    """Everything checked and decided before Ray starts."""
-
-    checkpoints: list[ck.Checkpoint]
-    hf_dirs: list[Path]
-    groups: list[list[int]]
-    lr_times_steps: list[float]
-    momentum: float
-    record: ck.TrainingRecord | None
-    base_model: str
-    num_docs: int
-    num_queries: int | None
-    specs: dict[str, ModuleSpec]
-    params: dict[str, tuple[str, str | None, bool]]
-    """module -> (weight parameter, bias parameter or None, Conv1D layout)."""
-    layout: dict[str, int]
-    """Query store columns: module -> full gradient width (the engine's order)."""
-
-    def segment_of(self, c: int) -> tuple[int, int]:
-        for sg, group in enumerate(self.groups):
-            if c in group:
-                return sg, group.index(c)
-        raise IndexError(c)
-
-
-# ------------------------------------------------------------------------------ planning
-
-
-def _with_query_default(cfg: ApproxUnrollingRunConfig) -> ApproxUnrollingRunConfig:
-    if cfg.query.dataset or cfg.query_path:
-        return cfg
-    if cfg.data.dataset != "tiny":
-        raise BadInputError("--query.dataset is required (or --query_path, an existing query store)")
-    from ..defaults.tiny import ensure_tiny_assets
-
-    return dataclasses.replace(
-        cfg, query=dataclasses.replace(cfg.query, dataset=str(ensure_tiny_assets().query_dir))
-    )
-
-
-def _count_rows(data, what: str) -> int:
-    from ..data.loading import check_columns, load_dataset_rows
-
-    ds = load_dataset_rows(data)
-    check_columns(ds.column_names, data)
-    if len(ds) == 0:
-        raise BadInputError(f"the {what} ({data.dataset!r}, split {data.split!r}) has no rows")
-    return len(ds)
-
-
-def _lr_times_steps(cfg: ApproxUnrollingRunConfig, ckpts: list[ck.Checkpoint], momentum: float) -> list[float]:
-    if cfg.lr_list:
-        return lr_times_steps_from_lists(cfg.lr_list, cfg.step_size_list, momentum)
-    unnamed = [c.source for c in ckpts if c.step is None]
-    if unnamed:
-        raise BadInputError(
-            f"cannot tell the training step of checkpoint {unnamed[0]} from its name (expected "
-            "checkpoint-<N>, step_<N>[.ckpt] or <N>); pass --lr_list and --step_size_list"
-        )
-    history = ck.read_log_history(ckpts)
-    if history is None:
-        raise BadInputError(
-            "no learning-rate history found for these checkpoints (log_history.json of their "
-            "training run, or trainer_state.json); pass --lr_list and --step_size_list"
-        )
-    bounds = segment_boundaries([int(c.step) for c in ckpts], cfg.segments)  # type: ignore[arg-type]
-    return lr_times_steps(bounds, step_to_lr(history), momentum)
-
-
-def _module_plan(model: str, cfg: ApproxUnrollingRunConfig):
-    """Target modules of the architecture: specs, their parameters (Adam grids), and the
-    gradient row layout."""
-    from ..gradients.modules import find_target_modules
-    from ..hessians.fitter import module_specs
-    from .stages import meta_model, plan_layout
-
-    model_cfg = dataclasses.replace(cfg.model, model=model)
-    meta = meta_model(model_cfg)
-    specs = module_specs(meta, cfg.grad)
-    full = {id(m): n for n, m in meta.named_modules()}
-    params = {}
-    for name, mod in find_target_modules(meta, cfg.grad).items():
-        prefix = full[id(mod)]
-        bias = f"{prefix}.bias" if specs[name].bias else None
-        params[name] = (f"{prefix}.weight", bias, type(mod).__name__ == "Conv1D")
-    if not specs:
-        raise BadInputError("no target modules: check --modules / --filter_modules")
-    layout = plan_layout(model_cfg, cfg.grad).grad_sizes
-    if set(layout) != set(specs):
-        raise BadInputError("gradient modules differ from the Hessian's; drop --split_attention_modules")
-    return specs, params, dict(layout)
-
-
-def plan_run(cfg: ApproxUnrollingRunConfig, root: Path) -> Plan:
-    """Every check that needs no Ray: checkpoints, architectures, segments, learning
-    rates, optimizer states, datasets. One sentence for the first problem found."""
-    ckpts = ck.find_checkpoints(cfg.checkpoints)
-    groups = segment_indices(len(ckpts), cfg.segments)
-    record = ck.read_training_record(ckpts[0].train_run)
-    shapes = [ck.parameter_shapes(c) for c in ckpts]
-    ck.check_same_architecture(ckpts, shapes)
-    if any(c.train_state for c in ckpts):
-        steps = [c.step for c in ckpts if c.train_state]
-        if len(set(steps)) != len(steps):
-            raise BadInputError("the same training step is listed twice in --checkpoints")
-    base = cfg.model_path or (record.model if record and record.model else None) or cfg.model.model
-    hf_dirs = [
-        root / "exported" / f"checkpoint-{c.step}" if c.train_state else c.source for c in ckpts
-    ]
-    momentum = cfg.momentum if cfg.momentum is not None else ck.derive_momentum(record)
-    lrs = _lr_times_steps(cfg, ckpts, momentum)
-    if record is not None and record.optimizer == "adamw" and not cfg.use_adam_preconditioner:
-        log.warning(
-            "approxunrolling: the run trained with adamw but --use_adam_preconditioner is off; "
-            "scores use the SGD variant"
-        )
-    if cfg.use_adam_preconditioner:
-        for c in ckpts:
-            if not ck.has_second_moments(c, record):
-                raise BadInputError(
-                    f"--use_adam_preconditioner needs the Adam second moments of checkpoint "
-                    f"{c.source}: it has no optimizer.pt and is not an AdamW state of `bergson-ray train`"
-                )
-    specs, params, layout = _module_plan(base if ckpts[0].train_state else str(ckpts[0].source), cfg)
-    num_docs = _count_rows(cfg.data, "training set")
-    num_queries = None if cfg.query_path else _count_rows(cfg.query, "query set")
-    return Plan(ckpts, hf_dirs, groups, lrs, float(momentum), record, base, num_docs,
-                num_queries, specs, params, layout)  # fmt: skip
-
-
-# ------------------------------------------------------------------------------ the run dir
-
-
-class Steps:
-    """Which pieces exist, which to (re)compute, and atomic writes of each piece."""
-
-    def __init__(self, root: Path, cfg: ApproxUnrollingRunConfig):
-        self.root = root
-        self.resume = cfg.run.resume
-        self.ran: list[str] = []
-        self.reused: list[str] = []
-        ours = self.entries()
-        if ours and not (cfg.run.resume or cfg.run.overwrite):
-            raise RunExistsError(
-                f"{root} already holds an approxunrolling run ({', '.join(p.name for p in ours[:3])}); "
-                "pass --resume to reuse its finished pieces or --overwrite to compute them again"
-            )
-        if cfg.run.overwrite:
-            for p in ours:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        elif cfg.run.resume and (root / CONFIG_YAML).is_file():
-            from ..store.config_yaml import check_resume_settings
-
-            check_resume_settings(root, COMMAND, cfg)
-
-    def entries(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        names = ("exported", "query", "scores", SUMMARY, CONFIG_YAML)
-        return sorted(
-            p for p in self.root.iterdir()
-            if p.name.split(".part")[0] in names or p.name.startswith("segment_")
-        )
-
-    def reuse(self, name: str, after: tuple[str, ...] | list[str] = ()) -> bool:
-        """A finished piece is reused under --resume unless one it is made from was just
-        recomputed; otherwise it is recorded as (re)computed."""
-        if self.resume and (self.root / name).exists() and not any(d in self.ran for d in after):
-            self.reused.append(name)
-            return True
-        self.ran.append(name)
-        return False
-
-    def part(self, name: str) -> Path:
-        """A fresh ``<name>.part`` directory to write the piece into."""
-        part = self.root / f"{name}.part"
-        if part.exists():
-            shutil.rmtree(part)
-        part.mkdir(parents=True)
-        return part
-
-    def commit(self, name: str) -> Path:
-        final = self.root / name
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        os.replace(self.root / f"{name}.part", final)
-        return final
-
-
-def _seg(sg: int, method: str = "") -> str:
-    return f"segment_{sg}/{method}" if method else f"segment_{sg}"
-
-
-def _ckpt_dir(plan: Plan, c: int, method: str) -> str:
-    sg, i = plan.segment_of(c)
-    return f"segment_{sg}/ckpt_{i}/{method}"
 
 
 # ------------------------------------------------------------------------------ the pieces
@@ -409,11 +210,11 @@ def _factor_pass(cfg, plan: Plan, steps: Steps, pool, chunks) -> None:
 
     method, dtype = cfg.hessian.method, torch_dtype(cfg.hessian.hessian_dtype)
     todo = [c for c in range(len(plan.checkpoints))
-            if not steps.reuse(_ckpt_dir(plan, c, method), after=[_exported(plan, c, steps)])]  # fmt: skip
+            if not steps.reuse(ckpt_dir(plan, c, method), after=[_exported(plan, c, steps)])]  # fmt: skip
 
     def done(c: int, total) -> None:
         factors = finalize_factors(total.result(), plan.specs, cfg.hessian)
-        name = _ckpt_dir(plan, c, method)
+        name = ckpt_dir(plan, c, method)
         part = steps.part(name)
         _save({n: f.A.to(dtype) for n, f in factors.items()}, part / "activation_sharded" / "shard_0.safetensors")
         _save({n: f.S.to(dtype) for n, f in factors.items()}, part / "gradient_sharded" / "shard_0.safetensors")
@@ -448,13 +249,13 @@ def _segments(cfg, plan: Plan, steps: Steps) -> None:
 
     method = cfg.hessian.method
     for sg, group in enumerate(plan.groups):
-        deps = [_ckpt_dir(plan, c, method) for c in group]
-        if steps.reuse(_seg(sg, method), after=deps):
+        deps = [ckpt_dir(plan, c, method) for c in group]
+        if steps.reuse(seg_dir(sg, method), after=deps):
             continue
         read = [_read_ckpt_factors(steps.root, d) for d in deps]
         factors = segment_factors([f for f, _ in read], [d for _, d in read],
                                   dtype=torch_dtype(cfg.hessian.hessian_dtype))  # fmt: skip
-        part = steps.part(_seg(sg, method))
+        part = steps.part(seg_dir(sg, method))
         write_shard_file(part, 0, [shard_slices(factors, 0, 1)])
         write_total_processed(part, sum(int(next(iter(f.values())).count) for f, _ in read))
         write_info(part, {
@@ -464,7 +265,7 @@ def _segments(cfg, plan: Plan, steps: Steps) -> None:
             "checkpoints": [str(plan.hf_dirs[c]) for c in group],
             "scale": "eigenvalue grids are per-document means over the segment's checkpoints",
         })  # fmt: skip
-        steps.commit(_seg(sg, method))
+        steps.commit(seg_dir(sg, method))
 
 
 def _lambda_pass(cfg, plan: Plan, steps: Steps, pool, chunks) -> None:
@@ -475,12 +276,12 @@ def _lambda_pass(cfg, plan: Plan, steps: Steps, pool, chunks) -> None:
     todo = []
     for c in range(len(plan.checkpoints)):
         sg, _ = plan.segment_of(c)
-        name = f"{_ckpt_dir(plan, c, method)}/{LAMBDA_DIR}"
-        if not steps.reuse(name, after=[_seg(sg, method), _ckpt_dir(plan, c, method)]):
+        name = f"{ckpt_dir(plan, c, method)}/{LAMBDA_DIR}"
+        if not steps.reuse(name, after=[seg_dir(sg, method), ckpt_dir(plan, c, method)]):
             todo.append(c)
 
     def done(c: int, total) -> None:
-        name = f"{_ckpt_dir(plan, c, method)}/{LAMBDA_DIR}"
+        name = f"{ckpt_dir(plan, c, method)}/{LAMBDA_DIR}"
         part = steps.part(name)
         _save({n: st["lambda"].to(dtype) for n, st in total.result().items()}, part / "shard_0.safetensors")
         docs = int(total.extra["documents"])
@@ -489,7 +290,7 @@ def _lambda_pass(cfg, plan: Plan, steps: Steps, pool, chunks) -> None:
         steps.commit(name)
 
     _sum_pass(pool, "lambda", todo, chunks,
-              lambda c: str(steps.root / _seg(plan.segment_of(c)[0], method)), done)  # fmt: skip
+              lambda c: str(steps.root / seg_dir(plan.segment_of(c)[0], method)), done)  # fmt: skip
 
 
 def _segment_lambdas(cfg, plan: Plan, steps: Steps) -> None:
@@ -499,9 +300,9 @@ def _segment_lambdas(cfg, plan: Plan, steps: Steps) -> None:
 
     method = cfg.hessian.method
     for sg, group in enumerate(plan.groups):
-        deps = [f"{_ckpt_dir(plan, c, method)}/{LAMBDA_DIR}" for c in group]
-        name = f"{_seg(sg, method)}/{CORRECTION_DIR}"
-        if steps.reuse(name, after=[*deps, _seg(sg, method)]):
+        deps = [f"{ckpt_dir(plan, c, method)}/{LAMBDA_DIR}" for c in group]
+        name = f"{seg_dir(sg, method)}/{CORRECTION_DIR}"
+        if steps.reuse(name, after=[*deps, seg_dir(sg, method)]):
             continue
         sums = [_load(steps.root / d / "shard_0.safetensors") for d in deps]
         docs = [json.loads((steps.root / d / "documents.json").read_text())["documents"] for d in deps]
@@ -519,7 +320,7 @@ def _preconditioners(cfg, plan: Plan, steps: Steps) -> list[dict[str, torch.Tens
         return [None] * len(plan.groups)
     out: list[dict[str, torch.Tensor] | None] = []
     for sg, group in enumerate(plan.groups):
-        name = f"{_seg(sg)}/{PRECONDITIONER}"
+        name = f"{seg_dir(sg)}/{PRECONDITIONER}"
         path = steps.root / name
         if steps.reuse(name, after=[_exported(plan, c, steps) for c in group]):
             out.append(_load(path))
@@ -550,8 +351,8 @@ def _preconditioners(cfg, plan: Plan, steps: Steps) -> list[dict[str, torch.Tens
 
 def _walk_names(plan: Plan) -> list[str]:
     n = len(plan.groups)
-    return [f"{_seg(sg)}/query_grad_backward" for sg in range(n - 1)] + [
-        f"{_seg(sg)}/query_grad_segment" for sg in range(n)
+    return [f"{seg_dir(sg)}/query_grad_backward" for sg in range(n - 1)] + [
+        f"{seg_dir(sg)}/query_grad_segment" for sg in range(n)
     ]
 
 
@@ -564,8 +365,8 @@ def _walk(cfg, plan: Plan, steps: Steps, query_path: Path, grids) -> None:
 
     method = cfg.hessian.method
     names = _walk_names(plan)
-    deps = [f"{_seg(sg, method)}/{CORRECTION_DIR}" for sg in range(len(plan.groups))]
-    deps += [f"{_seg(sg)}/{PRECONDITIONER}" for sg in range(len(plan.groups))] + ["query"]
+    deps = [f"{seg_dir(sg, method)}/{CORRECTION_DIR}" for sg in range(len(plan.groups))]
+    deps += [f"{seg_dir(sg)}/{PRECONDITIONER}" for sg in range(len(plan.groups))] + ["query"]
     reused = [steps.reuse(n, after=deps) for n in names]
     if all(reused):
         return
@@ -576,7 +377,7 @@ def _walk(cfg, plan: Plan, steps: Steps, query_path: Path, grids) -> None:
     store = _check_query(query_path, plan)
     operators = [
         SegmentOperator(
-            Segment(read_factored(steps.root / _seg(sg, method)), plan.lr_times_steps[sg], grids[sg]),
+            Segment(read_factored(steps.root / seg_dir(sg, method)), plan.lr_times_steps[sg], grids[sg]),
             inversion=cfg.inversion, damping_factor=cfg.damping_factor,
         )  # fmt: skip
         for sg in range(len(plan.groups))
@@ -593,9 +394,9 @@ def _walk(cfg, plan: Plan, steps: Steps, query_path: Path, grids) -> None:
         blocks = {n: rows[:, columns[n][0]: columns[n][1]] for n in sizes}
         walked, transformed = walk(blocks, operators)
         for sg in range(len(plan.groups)):
-            outs = [(f"{_seg(sg)}/query_grad_segment", transformed[sg])]
+            outs = [(f"{seg_dir(sg)}/query_grad_segment", transformed[sg])]
             if sg < len(plan.groups) - 1:
-                outs.append((f"{_seg(sg)}/query_grad_backward", walked[sg]))
+                outs.append((f"{seg_dir(sg)}/query_grad_backward", walked[sg]))
             for name, b in outs:
                 writers[name].write_rows(np.arange(lo, hi), torch.cat([b[m] for m in sizes], dim=1).numpy())
     proc = ProcessorConfig.from_gradient_config(cfg.grad)
@@ -613,7 +414,7 @@ def _score_pass(cfg, plan: Plan, steps: Steps, pool, chunks, num_queries: int) -
     todo = []
     for c in range(len(plan.checkpoints)):
         sg, i = plan.segment_of(c)
-        name = f"{_seg(sg)}/scores_ckpt_{i}"
+        name = f"{seg_dir(sg)}/scores_ckpt_{i}"
         if not steps.reuse(name, after=[*_walk_names(plan), _exported(plan, c, steps)]):
             todo.append(c)
     if not todo:
@@ -623,7 +424,7 @@ def _score_pass(cfg, plan: Plan, steps: Steps, pool, chunks, num_queries: int) -
 
     def name_of(c: int) -> str:
         sg, i = plan.segment_of(c)
-        return f"{_seg(sg)}/scores_ckpt_{i}"
+        return f"{seg_dir(sg)}/scores_ckpt_{i}"
 
     for c in todo:
         writers[c] = ScoreWriter(steps.part(name_of(c)), plan.num_docs, num_queries)
@@ -637,14 +438,14 @@ def _score_pass(cfg, plan: Plan, steps: Steps, pool, chunks, num_queries: int) -
             sg, _ = plan.segment_of(c)
             doc = {"steps": [{"score": {
                 "model": str(plan.hf_dirs[c]),
-                "score_cfg": {"query_path": str(steps.root / _seg(sg) / "query_grad_segment"),
+                "score_cfg": {"query_path": str(steps.root / seg_dir(sg) / "query_grad_segment"),
                               "score": "individual", "higher_is_better": True},
             }}]}  # fmt: skip
             (steps.root / f"{name_of(c)}.part" / CONFIG_YAML).write_text(yaml.safe_dump(doc, sort_keys=False))
             steps.commit(name_of(c))
 
     jobs = [
-        PassJob("scores", c, k, lo, hi, str(steps.root / _seg(plan.segment_of(c)[0]) / "query_grad_segment"))
+        PassJob("scores", c, k, lo, hi, str(steps.root / seg_dir(plan.segment_of(c)[0]) / "query_grad_segment"))
         for c in todo for k, (lo, hi) in enumerate(chunks)
     ]  # fmt: skip
     log.info("approxunrolling: scores pass over %d checkpoint(s), %d jobs", len(todo), len(jobs))
@@ -661,7 +462,7 @@ def _final_scores(cfg, plan: Plan, steps: Steps) -> Path:
     for sg, group in enumerate(plan.groups):
         seg = None
         for i in range(len(group)):
-            store = ScoreStore.open(steps.root / _seg(sg) / f"scores_ckpt_{i}")
+            store = ScoreStore.open(steps.root / seg_dir(sg) / f"scores_ckpt_{i}")
             if not store.is_complete():
                 raise StoreError(f"{store.path} is incomplete; rerun with --resume")
             s = store.scores.astype(np.float64)
@@ -690,7 +491,8 @@ def approxunrolling(
     from ..actors.unrolling_worker import UnrollingPool, UnrollingSpec
     from .workers import start_workers
 
-    cfg = _with_query_default(as_config(ApproxUnrollingRunConfig, cfg, **overrides))
+    cfg = as_config(ApproxUnrollingRunConfig, cfg, **overrides)
+    cfg = with_default_query(cfg, cfg.query_path)
     if not cfg.run.run_path:
         raise BadInputError("run_path is required")
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from ..config import (
     as_config,
 )
 from ..errors import BadInputError
+from .stages import with_default_query
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +171,7 @@ def ekfac(cfg: EkfacRunConfig | dict | None = None, **overrides) -> Path:
     cfg = as_config(EkfacRunConfig, cfg, **overrides)
     if not cfg.run.run_path:
         raise BadInputError("run_path is required")
-    if not cfg.query.dataset:
-        if cfg.data.dataset != "tiny":
-            raise BadInputError("--query.dataset is required")
-        from ..defaults.tiny import ensure_tiny_assets
-
-        cfg.query = dataclasses.replace(cfg.query, dataset=str(ensure_tiny_assets().query_dir))
+    cfg = with_default_query(cfg, None)  # ekfac builds its own query store
     root = Path(cfg.run.run_path)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from typing import Any
 from ..config import BuildConfig, PreprocessConfig, RunConfig, ScoreRunConfig, as_config
 from ..config.lissa import LissaRunConfig
 from ..errors import BadInputError
+from .stages import with_default_query
 from .steps import StepRecord
 
 log = logging.getLogger(__name__)
@@ -42,19 +43,6 @@ STEPS = ("query", "lissa_query", "scores")
 REPEATS = "repeats"
 SETTINGS = "lissa_settings.json"
 SUMMARY = "lissa.json"
-
-
-def _with_query_default(cfg: LissaRunConfig) -> LissaRunConfig:
-    if cfg.query.dataset or cfg.score.query_path:
-        return cfg
-    if cfg.data.dataset != "tiny":
-        raise BadInputError(
-            "--query.dataset is required (or --query_path, an existing query store)"
-        )
-    from ..defaults.tiny import ensure_tiny_assets
-
-    query = dataclasses.replace(cfg.query, dataset=str(ensure_tiny_assets().query_dir))
-    return dataclasses.replace(cfg, query=query)
 
 
 def precheck(cfg: LissaRunConfig) -> int:
@@ -228,7 +216,8 @@ def lissa(cfg: LissaRunConfig | dict | None = None, *, faults: Any = None, **ove
     """
     from .score import score
 
-    cfg = _with_query_default(as_config(LissaRunConfig, cfg, **overrides))
+    cfg = as_config(LissaRunConfig, cfg, **overrides)
+    cfg = with_default_query(cfg, cfg.score.query_path)
     t0 = time.perf_counter()
     n_train = precheck(cfg)
     root = Path(cfg.run.run_path)

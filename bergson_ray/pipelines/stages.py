@@ -17,6 +17,7 @@ Writing (driver): :class:`Progress` (per-document loss and length, survives
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,39 @@ def runner_spec(
         advantages=advantages,
         rows=rows,
     )
+
+
+def with_default_query(cfg, query_path: str | None = ""):
+    """``cfg`` (a multi-step command's config with ``data`` and ``query`` sections) with
+    the tiny query set as its query when it trains on the tiny corpus and names none.
+
+    ``query_path`` is the command's ``--query_path`` (an existing query store also names
+    a query); None for a command without one. Any other corpus needs its own query set.
+    """
+    if cfg.query.dataset or query_path:
+        return cfg
+    if cfg.data.dataset != "tiny":
+        also = "" if query_path is None else " (or --query_path, an existing query store)"
+        raise BadInputError(f"--query.dataset is required{also}")
+    from ..defaults.tiny import ensure_tiny_assets
+
+    query = dataclasses.replace(cfg.query, dataset=str(ensure_tiny_assets().query_dir))
+    return dataclasses.replace(cfg, query=query)
+
+
+def count_rows(data, what: str) -> int:
+    """Rows of a dataset (``data``: a DataConfig); an empty or unreadable one fails here,
+    before any work, with one sentence naming it."""
+    from ..data.loading import check_columns, load_dataset_rows
+
+    ds = load_dataset_rows(data)
+    check_columns(ds.column_names, data)
+    if len(ds) == 0:
+        raise BadInputError(
+            f"the {what} {data.dataset!r} (split {data.split!r}) has no rows; the command "
+            f"needs at least one {what.split()[0]} document"
+        )
+    return len(ds)
 
 
 def open_dataset(cfg: BuildConfig):

@@ -44,6 +44,7 @@ from ..config import (
 )
 from ..config.trackstar import MixConfig, TrackstarRunConfig
 from ..errors import BadInputError
+from .stages import with_default_query
 from .steps import StepRecord
 
 log = logging.getLogger(__name__)
@@ -131,19 +132,6 @@ def _query_store(cfg: TrackstarRunConfig, steps: StepRecord, pre) -> Path:
     return reduce(bcfg) if pre.aggregation != "none" else build(bcfg)
 
 
-def _with_query_default(cfg: TrackstarRunConfig) -> TrackstarRunConfig:
-    if cfg.query.dataset or cfg.score.query_path:
-        return cfg
-    if cfg.data.dataset != "tiny":
-        raise BadInputError(
-            "--query.dataset is required (or --query_path, an existing query store)"
-        )
-    from ..defaults.tiny import ensure_tiny_assets
-
-    query = dataclasses.replace(cfg.query, dataset=str(ensure_tiny_assets().query_dir))
-    return dataclasses.replace(cfg, query=query)
-
-
 def _check_data(cfg: TrackstarRunConfig) -> tuple[int, int | None]:
     """Row counts of the training and query sets; an empty or unreadable one fails here,
     before any step runs, with the loader's one-sentence error."""
@@ -168,7 +156,8 @@ def trackstar(cfg: TrackstarRunConfig | dict | None = None, **overrides) -> Path
     from .mix import mix_dirs, rank_warning
     from .score import score
 
-    cfg = _with_query_default(as_config(TrackstarRunConfig, cfg, **overrides))
+    cfg = as_config(TrackstarRunConfig, cfg, **overrides)
+    cfg = with_default_query(cfg, cfg.score.query_path)
     if not cfg.run.run_path:
         raise BadInputError("run_path is required")
     t0 = time.perf_counter()
