@@ -73,16 +73,16 @@ def test_packing_rejects_bad_budget():
 
 
 def test_rows_are_handed_out_longest_text_first():
-    """Prompt plus completion characters (not bytes), longest first, ties in row order; a
-    subset keeps to its rows; a row plan, a chat column or a non-text column leaves the
-    order alone."""
+    """Prompt plus completion UTF-8 bytes, longest first, ties in row order; a subset
+    keeps to its rows; a row plan, a chat column or a non-text column leaves the order
+    alone."""
     from bergson_ray.data.length_order import longest_first, text_lengths
 
     ds = datasets.Dataset.from_dict(
-        {"p": ["ab", "éééé", "", "abc", "xy", None], "c": ["1", "", "12345", "", "1", "22"]}
+        {"p": ["ab", "éé", "", "abc", "xy", None], "c": ["1", "", "12345", "", "1", "22"]}
     ).select([5, 0, 1, 2, 3, 4])  # an indices mapping, as a filtered dataset has
     cfg = DataConfig(prompt_column="p", completion_column="c")
-    assert text_lengths(ds, cfg).tolist() == [2, 3, 4, 5, 3, 3]
+    assert text_lengths(ds, cfg).tolist() == [2, 3, 4, 5, 3, 3]  # "éé": 4 bytes
     assert longest_first(ds, np.arange(6), cfg).tolist() == [3, 2, 1, 4, 5, 0]
     assert longest_first(ds, np.array([5, 0, 3]), cfg).tolist() == [3, 5, 0]
     assert longest_first(ds, np.arange(6), cfg, plan=object()).tolist() == list(range(6))

@@ -7,8 +7,9 @@ ones and break into more, smaller passes than bergson's sort over the whole set:
 1000 short documents of the tiny corpus, 127 batches and 55.9k padded tokens against
 bergson's 104 and 48.8k. Handing out the rows longest text first gives every window a
 narrow range of lengths, and the packing comes close to a global sort without
-tokenizing anything in the driver: the character counts come from the Arrow column,
-a batch of rows at a time.
+tokenizing anything in the driver. The lengths are the texts' UTF-8 byte counts, read
+from the Arrow columns' offsets alone: the text itself is never read, so ordering a
+corpus of any size costs a few bytes of I/O per row.
 
 Rows are written at their own index, so the order they are computed in changes no
 row's place; it only changes which documents share a padded batch.
@@ -28,13 +29,13 @@ if TYPE_CHECKING:
     from bergson_ray.data.row_plan import RowPlan
 
 READ_ROWS = 65_536
-"""Rows per Arrow slice read while counting characters (bounded memory on any corpus)."""
+"""Rows per Arrow slice while counting (bounded memory on any corpus)."""
 
 
 def text_lengths(ds, cfg: DataConfig) -> np.ndarray | None:
-    """Characters of each row's text (prompt plus completion), or None when they cannot be
-    read cheaply: chat conversations (a template decides what is tokenized) and columns
-    that are not plain strings."""
+    """UTF-8 bytes of each row's text (prompt plus completion), or None when they cannot
+    be read cheaply: chat conversations (a template decides what is tokenized) and
+    columns that are not plain strings."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -51,8 +52,8 @@ def text_lengths(ds, cfg: DataConfig) -> np.ndarray | None:
             values = table.column(col)
             if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
                 return None
-            chars = pc.fill_null(pc.utf8_length(values), 0)
-            total[start : start + len(table)] += chars.to_numpy()
+            nbytes = pc.fill_null(pc.binary_length(values), 0)  # from the offsets only
+            total[start : start + len(table)] += nbytes.to_numpy()
     return total
 
 

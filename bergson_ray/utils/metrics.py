@@ -154,7 +154,9 @@ class StageMonitor:
             self.compute_seconds += float(np.asarray(batch["compute_s"]).sum())
         if "setup_s" in batch and rows:
             self.worker_setup = max(self.worker_setup, float(np.asarray(batch["setup_s"]).max()))
-        lag = float(np.asarray(batch["first_grad_lag_s"]).max()) if "first_grad_lag_s" in batch and rows else 0.0
+        lag = 0.0
+        if "first_grad_lag_s" in batch and rows:
+            lag = float(np.asarray(batch["first_grad_lag_s"]).max())
         if lag > 0:  # a worker's first output: its first gradient batch finished `lag` s ago
             first_grad = time.time() - lag
             self.first_grad_wall = min(self.first_grad_wall or first_grad, first_grad)
