@@ -44,7 +44,7 @@ def text_lengths(ds, cfg: DataConfig) -> np.ndarray | None:
     cols = [c for c in (cfg.prompt_column, cfg.completion_column) if c]
     if not cols or any(c not in ds.column_names for c in cols):
         return None
-    arrow = ds.with_format("arrow")
+    arrow = ds.select_columns(cols).with_format("arrow")  # no other column is sliced
     total = np.zeros(len(ds), dtype=np.int64)
     for start in range(0, len(ds), READ_ROWS):
         table = arrow[start : start + READ_ROWS]

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import GradientConfig, ModelConfig, RunConfig
 from ..config.trak import TrakRunConfig
 from ..errors import BadInputError
+from ..store.config_yaml import dotted_leaves
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +100,12 @@ def _plain(v):
     return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_member_settings(cfg: TrakRunConfig, m: Member) -> None:
     """Refuse to resume a member made with other settings; record them otherwise."""
     now = _fingerprint(cfg, m)
     path = m.root / MEMBER_JSON
     if path.is_file() and cfg.run.resume and not cfg.run.overwrite:
-        before, after = _leaves(json.loads(path.read_text())), _leaves(now)
+        before, after = dotted_leaves(json.loads(path.read_text())), dotted_leaves(now)
         # keys only one side knows are settings another version added: not a difference
         diffs = [k for k in sorted(set(before) & set(after)) if before[k] != after[k]]
         if diffs:

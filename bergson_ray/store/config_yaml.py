@@ -220,8 +220,8 @@ def check_resume_settings(part: str | Path, command: str, cfg: Any) -> None:
     if not (Path(part) / "config.yaml").is_file():
         return  # nothing recorded yet: the interrupted run died before writing its config
     started = load_step_config(part, type(cfg), command)
-    before = _leaves(dataclasses.asdict(started))
-    now = _leaves(dataclasses.asdict(cfg))
+    before = dotted_leaves(dataclasses.asdict(started))
+    now = dotted_leaves(dataclasses.asdict(cfg))
     diffs = [
         f"--{key.rsplit('.', 1)[-1]}: started with {before.get(key)!r}, now {now.get(key)!r}"
         for key in sorted(set(before) | set(now))
@@ -235,11 +235,13 @@ def check_resume_settings(part: str | Path, command: str, cfg: Any) -> None:
         )
 
 
-def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def dotted_leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings dict flattened to ``{"section.key": value}`` (for naming what
+    differs between two runs' settings)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
+            out.update(dotted_leaves(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
