@@ -61,6 +61,7 @@ def _child(req: dict) -> None:
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.dup2(out, 1)
         os.dup2(err, 2)
+        sys.stdout = sys.__stdout__  # fd 1 again (the server pointed sys.stdout at stderr)
         try:
             code = _exit_code(_run(req["argv"]))
         except SystemExit as exc:
@@ -79,9 +80,13 @@ def _child(req: dict) -> None:
 
 
 def serve() -> None:
+    # Replies get their own copy of stdout; whatever the imports print (bitsandbytes logs
+    # a warning to stdout) goes to stderr, the server's log, and never into the protocol.
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     import bergson.__main__  # noqa: F401  (the import every child then inherits)
 
-    reply = sys.stdout
     for line in sys.stdin:
         req = json.loads(line)
         reply.flush()

@@ -86,7 +86,9 @@ class LissaRunner:
         from ..hessians.gauss_newton import GaussNewtonProduct
         from ..runners.model_loading import load_model, max_model_length
         from ..store.gradient_store import GradientStore
+        from ..utils.malloc import keep_freed_memory
 
+        keep_freed_memory()  # no page faults on the tensors every product re-allocates
         if spec.torch_threads > 0:
             torch.set_num_threads(spec.torch_threads)
         device = spec.device

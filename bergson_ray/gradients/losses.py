@@ -27,26 +27,48 @@ def per_document_loss(
     divides each document by its own count of loss tokens. Label smoothing applies to
     cross-entropy only.
     """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
     if loss_fn == "log_odds":
-        tok = token_log_odds_loss(shift_logits, shift_labels)
+        targets = next_token_targets(labels)
+        tok = token_log_odds_loss(logits, targets)[:, :-1]
     elif loss_fn == "ce":
-        tok = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="none",
-            label_smoothing=label_smoothing,
-        ).view(shift_labels.shape)
+        tok = token_cross_entropy(logits, labels, label_smoothing)
     else:
         raise ValueError(f"loss_fn must be 'ce' or 'log_odds', got {loss_fn!r}")
+    shift_labels = labels[:, 1:]
     per_doc = tok.sum(dim=1)
     if reduction == "mean":
         per_doc = per_doc / (shift_labels != -100).sum(dim=1).clamp_min(1)
     elif reduction != "sum":
         raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {reduction!r}")
     return per_doc
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """``[N, S]``: the label position ``s`` is scored against (``labels[:, s + 1]``), and
+    ``-100`` at the last position, which predicts nothing."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Next-token cross-entropy per position, ``[N, S - 1]`` (0 where the label is -100).
+
+    Every position of ``logits [N, S, V]`` is scored in place against the labels shifted
+    left, the last one ignored. Why not ``logits[:, :-1]``: flattening that slice copies
+    the whole logit tensor, and its backward zero-fills and copies it again, about 6 % of
+    a small model's step on a CPU. The ignored position has zero loss and zero gradient,
+    so the values, and the gradients, are the same bits.
+    """
+    targets = next_token_targets(labels)
+    tok = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    ).view(targets.shape)
+    return tok[:, :-1]
 
 
 def collection_mask(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:

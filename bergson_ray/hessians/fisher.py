@@ -22,7 +22,8 @@ of a mean-loss Hessian (bergson 2.5's convention).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ..gradients.losses import token_cross_entropy
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
 _M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
@@ -112,14 +113,9 @@ def fisher_loss(
         if doc_ids is None:
             raise ValueError("the true Fisher needs doc_ids to seed each document's labels")
         labels = sample_labels(logits, labels, lengths, doc_ids, seed)
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    tok = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="none",
-    ).view(shift_labels.shape)
+    labels = labels.to(logits.device)
+    tok = token_cross_entropy(logits, labels)
+    shift_labels = labels[:, 1:]
     per_doc = tok.sum(dim=1)
     if reduction == "mean":
         per_doc = per_doc / (shift_labels != -100).sum(dim=1).clamp_min(1).sqrt()

@@ -26,6 +26,7 @@ from ..errors import BadInputError
 from ..gradients.engine import BatchResult, GradientEngine
 from ..gradients.losses import scale_logits
 from ..gradients.normalizers import load_optimizer_normalizers
+from ..utils.malloc import keep_freed_memory
 from .model_loading import load_model, max_model_length
 from .preprocess import RowPreprocessor
 
@@ -98,6 +99,7 @@ class GradientRunner:
     def __init__(self, spec: RunnerSpec):
         from ..data.loading import DatasetRows
 
+        keep_freed_memory()  # no page faults on the tensors every batch re-allocates
         self.spec = spec
         self.first_batch_wall: float | None = None
         """Wall time the first packed batch's gradients were done (``summary.json``)."""

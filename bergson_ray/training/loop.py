@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..config.training import TrainingConfig
+from ..utils.malloc import keep_freed_memory
 from .checkpoints import checkpoint_steps
 from .data import Batch, TokenizedData, batch_order, collate
 from .losses import doc_mean_losses, token_losses, weighted_sum
@@ -54,6 +55,7 @@ def initial_params(model: nn.Module) -> dict[str, Tensor]:
 @contextlib.contextmanager
 def run_context(cfg: TrainingConfig, deterministic: bool, threads: int | None) -> Iterator[None]:
     """Forked, seeded RNG; fixed threads and deterministic kernels; all restored after."""
+    keep_freed_memory()  # no page faults on the tensors every step re-allocates
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
     old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
