@@ -4,7 +4,9 @@ bergson's callback of the same name and options, on our gradient math: the modul
 (``gradients/hooks.py``) see each target module's input ``a`` and output gradient ``g``
 during the trainer's own forward and backward pass, and the engine's collector
 (``gradients/collector.py``) turns them into the rows ``build`` would write, projected the
-same way. Three things differ from reading ``g`` naively:
+same way. The hooks and the rows of each micro-batch live in ``micro_batch_rows.py``; this
+module holds the options, the trainer's events and the stores. Three things differ from
+reading ``g`` naively:
 
 * **loss scale.** The trainer backpropagates its *reduced* loss (a batch mean, divided by
   accumulation steps, ...), so each row is divided by the factor the trainer put on its
@@ -30,13 +32,10 @@ epochs) with ``accumulate_grads``; ``order.hf`` (``_idx``, ``global_step``, ``ep
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 from transformers.trainer_callback import TrainerCallback
 
@@ -49,44 +48,18 @@ from ..config.sections import (
     RunConfig,
 )
 from ..errors import BadInputError
-from ..gradients.collector import PerExampleCollector
-from ..gradients.hooks import ModuleTaps
 from ..gradients.modules import find_target_modules
 from ..gradients.normalizers import Normalizer
 from ..store.elements import element_type
 from ..store.processor import ProcessorConfig
 from . import dist
-from .collator import IDX, PREPARED_FLAG
-from .loss_scale import loss_token_counts, per_document_scale
+from .collator import PREPARED_FLAG
+from .micro_batch_rows import MicroBatchRows
 from .optimizer_moments import live_normalizers
 from .query_model import query_model_config
 from .train_store import RowShard, SumBuffer, commit_store, part_of, remove, save_order
 
 log = logging.getLogger(__name__)
-
-_SEEN_IDX = "_bergson_ray_idx"
-"""Model attribute holding the batch's ``_idx`` between the forward pre- and post-hooks."""
-
-
-@dataclass
-class _MicroBatch:
-    """What one forward/backward pass of the trainer left for us."""
-
-    idx: torch.Tensor  # [N] dataset indices (on the batch's device until the step's flush)
-    labels: torch.Tensor  # [N, S]
-    mask: torch.Tensor  # [N, S] bool: positions whose gradients are collected
-    scale: torch.Tensor | None = None  # [N] the trainer's factor on each document's loss
-    acts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    rows: torch.Tensor | None = None  # [N, D] float32 once computed, before loss scaling
-
-
-def _logits_of(output: Any) -> torch.Tensor | None:
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, dict):
-        logits = output.get("logits")
-    return logits if isinstance(logits, torch.Tensor) else None
-
 
 def _gradient_config(
     projection_dim: int,
@@ -116,19 +89,6 @@ def _gradient_config(
         filter_modules=filter_modules,
         loss_reduction=loss_reduction,  # type: ignore[arg-type]
     )
-
-
-class _Taps:
-    """The tap consumer: routes ``a``/``g`` of *our* micro-batches to the callback."""
-
-    def __init__(self, owner: GradientCollectorCallback):
-        self.owner = owner
-
-    def on_forward(self, name: str, module: nn.Module, a: torch.Tensor) -> None:
-        self.owner._on_module_forward(name, module, a)
-
-    def on_backward(self, name: str, module: nn.Module, g: torch.Tensor) -> None:
-        self.owner._on_module_backward(name, module, g)
 
 
 class GradientCollectorCallback(TrainerCallback):
@@ -203,13 +163,7 @@ class GradientCollectorCallback(TrainerCallback):
         self.last_normalizers: dict[str, Normalizer] = {}
         """Normalizers applied to the latest step's rows (saved with each store)."""
 
-        self._modules: dict[str, nn.Module] = {}
-        self._collector: PerExampleCollector | None = None
-        self._taps: ModuleTaps | None = None
-        self._handles: list[Any] = []
-        self._pending: list[_MicroBatch] = []
-        self._current: _MicroBatch | None = None
-        self._forward_open = False
+        self._rows: MicroBatchRows | None = None
         self._model: nn.Module | None = None
         self._num_items = 0
         self._dim = 0
@@ -269,30 +223,25 @@ class GradientCollectorCallback(TrainerCallback):
             raise BadInputError("the trainer passed no model to the callback")
         self.close()  # hooks left on the model by an earlier, interrupted train()
         self.order = [] if self.track_order else None
-        self._pending, self._current, self._accum = [], None, None
+        self._accum = None
         dataset = getattr(train_dataloader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__len__"):
             raise BadInputError("gradient collection needs a train dataset with a length")
         self._num_items = len(dataset)
         self._model = model
-        self._modules = find_target_modules(model, self.grad_cfg)
-        self._collector = PerExampleCollector(self._modules, self.grad_cfg)
-        self._dim = sum(self._collector.grad_sizes.values())
+        modules = find_target_modules(model, self.grad_cfg)
+        self._rows = MicroBatchRows(model, modules, self.grad_cfg, deferred=self._deferred)
+        self._dim = self._rows.dim
         self._epoch = int(state.epoch or 0)
         self._model_cfg = query_model_config(
             model, kwargs.get("processing_class") or kwargs.get("tokenizer"),
             args.output_dir, self.model_name_or_path,
         )
         self._prepare_outputs(resumed=state.global_step > 0)
-        self._taps = ModuleTaps(self._modules, _Taps(self))
-        self._taps.__enter__()
-        self._handles = [
-            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-            model.register_forward_hook(self._post_forward),
-        ]
+        self._rows.attach()
         log.info(
             "collecting gradients of %d modules (%d columns) for %d examples into %s",
-            len(self._modules), self._dim, self._num_items, self.path,
+            len(modules), self._dim, self._num_items, self.path,
         )
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -300,10 +249,10 @@ class GradientCollectorCallback(TrainerCallback):
         self._shard = RowShard(self._shard_dir(self._epoch), dist.rank(), self._dim)
 
     def on_substep_end(self, args, state, control, **kwargs):
-        self._close_live_batch()
+        self._rows.close_live_batch()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._close_live_batch()
+        self._rows.close_live_batch()
 
     def on_optimizer_step(self, args, state, control, *, model=None, optimizer=None, **kwargs):
         """Right after ``optimizer.step()``: its moments are the ones of this step, and the
@@ -313,21 +262,30 @@ class GradientCollectorCallback(TrainerCallback):
     def on_step_end(self, args, state, control, *, model=None, optimizer=None, **kwargs):
         # on_optimizer_step normally emptied the queue; a trainer without that event
         # (older transformers) lands here, with the moments still this step's.
-        if self._pending:
+        if self._rows is not None and self._rows.pending:
             self._finish_step(model, optimizer, global_step=state.global_step)
 
     def _finish_step(self, model: nn.Module | None, optimizer: Any, global_step: int) -> None:
-        self._close_live_batch()
-        if self._deferred and self._pending:
+        """The step's rows into this rank's shard (and ``order.hf``'s records)."""
+        normalizers = None
+        if self._deferred and self._rows.pending:
             if optimizer is None:
                 raise BadInputError("use_optimizer_state needs the trainer's optimizer")
-            self.last_normalizers = live_normalizers(
-                optimizer, model or self._model, self._modules,
+            self.last_normalizers = normalizers = live_normalizers(
+                optimizer, model or self._model, self._rows.modules,
                 include_bias=self.grad_cfg.include_bias, scale_by_lr=self.scale_by_lr,
             )
-            for mb in self._pending:
-                mb.rows = self._replay(mb, self.last_normalizers)
-        self._flush_pending(global_step)
+        idx, rows = self._rows.take_step(normalizers)
+        if not len(idx):
+            return
+        if self._shard is None:
+            raise RuntimeError("a training step ran outside an epoch")
+        self._shard.append(idx, rows)
+        if self.order is not None:
+            self.order.extend(
+                {"_idx": int(i), "global_step": int(global_step), "epoch": self._epoch}
+                for i in idx.tolist()
+            )
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self._shard is None:
@@ -349,7 +307,7 @@ class GradientCollectorCallback(TrainerCallback):
                 final = self._epoch_final(self._epoch)
                 commit_store(
                     shards, final, buffer,
-                    grad_sizes=self._collector.grad_sizes, dtype=self.dtype,
+                    grad_sizes=self._rows.grad_sizes, dtype=self.dtype,
                     processor=self._processor(), normalizers=self.last_normalizers,
                     record=self._record(final),
                 )
@@ -361,7 +319,7 @@ class GradientCollectorCallback(TrainerCallback):
             final = self.path / "train"
             commit_store(
                 part_of(final), final, self._accum,
-                grad_sizes=self._collector.grad_sizes, dtype=self.dtype,
+                grad_sizes=self._rows.grad_sizes, dtype=self.dtype,
                 processor=self._processor(), normalizers=self.last_normalizers,
                 record=self._record(final),
             )
@@ -375,12 +333,8 @@ class GradientCollectorCallback(TrainerCallback):
 
     def close(self) -> None:
         """Remove every hook from the model (training is over, or abandoned)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if self._taps is not None:
-            self._taps.__exit__(None, None, None)
-            self._taps = None
+        if self._rows is not None:
+            self._rows.detach()
 
     # ------------------------------------------------------------------ outputs
     def _prepare_outputs(self, resumed: bool) -> None:
@@ -421,120 +375,3 @@ class GradientCollectorCallback(TrainerCallback):
         problems = [p for p in dist.gather_to_all(problem) if p]
         if problems:
             raise BadInputError(problems[0])
-
-    # ------------------------------------------------------------------ hooks
-    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict):
-        # The first of several callbacks on one model pops _idx; the rest read it here.
-        idx = kwargs.pop(IDX, None)
-        if idx is not None:
-            module.__dict__[_SEEN_IDX] = idx
-        else:
-            idx = module.__dict__.get(_SEEN_IDX)
-        if idx is None or not module.training or not torch.is_grad_enabled():
-            return args, kwargs
-        labels = kwargs.get("labels")
-        if labels is None:
-            raise BadInputError(
-                "gradient collection needs the batch's labels passed to the model (a causal "
-                "LM collator sets them)"
-            )
-        labels = labels.detach()
-        mask = kwargs.get("attention_mask")
-        mask = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.detach().bool()
-        mb = _MicroBatch(idx=idx.detach().long(), labels=labels, mask=mask)
-        self._close_live_batch()
-        self._current = mb
-        self._pending.append(mb)
-        if not self._deferred:
-            self._collector.begin(mask)
-        self._forward_open = True
-        return args, kwargs
-
-    def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        module.__dict__.pop(_SEEN_IDX, None)
-        if not self._forward_open:
-            return
-        self._forward_open = False
-        logits = _logits_of(output)
-        if logits is None or not logits.requires_grad:
-            raise BadInputError(
-                f"{type(module).__name__} returned no differentiable logits; gradient "
-                "collection needs a causal LM output"
-            )
-        mb = self._current
-        logits.register_hook(partial(self._on_logits_grad, mb, logits.detach()))
-
-    def _on_logits_grad(self, mb: _MicroBatch, logits: torch.Tensor, grad: torch.Tensor) -> None:
-        mb.scale = per_document_scale(logits, grad, mb.labels)  # stays on the device: no sync
-
-    def _on_module_forward(self, name: str, module: nn.Module, a: torch.Tensor) -> None:
-        if not self._forward_open:
-            return
-        if self._deferred:
-            self._current.acts.setdefault(name, []).append(a)
-        else:
-            self._collector.on_forward(name, module, a)
-
-    def _on_module_backward(self, name: str, module: nn.Module, g: torch.Tensor) -> None:
-        mb = self._current
-        if mb is None or mb.rows is not None:
-            return
-        if self._deferred:
-            if len(mb.grads.get(name, ())) < len(mb.acts.get(name, ())):
-                mb.grads.setdefault(name, []).append(g)
-        else:
-            self._collector.on_backward(name, module, g)
-
-    # ------------------------------------------------------------------ rows
-    def _flat(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([blocks[k] for k in self._collector.grad_sizes], dim=1)
-
-    def _close_live_batch(self) -> None:
-        """Live mode: the current micro-batch's backward is done; take its rows."""
-        mb = self._current
-        if self._deferred or mb is None or mb.rows is not None:
-            return
-        mb.rows = self._flat(self._collector.finish())
-
-    def _replay(self, mb: _MicroBatch, normalizers: dict[str, Normalizer]) -> torch.Tensor:
-        """Feed a stashed micro-batch's ``a``/``g`` to the collector with ``normalizers``."""
-        col = self._collector
-        col.normalizers = normalizers
-        col.begin(mb.mask)
-        for name, acts in mb.acts.items():
-            module = self._modules[name]
-            for a in acts:
-                col.on_forward(name, module, a)
-            for g in mb.grads.get(name, ()):
-                col.on_backward(name, module, g)
-        rows = self._flat(col.finish())
-        mb.acts.clear()
-        mb.grads.clear()
-        return rows
-
-    def _flush_pending(self, global_step: int) -> None:
-        """Loss-scale the finished micro-batches' rows and append them to this rank's shard
-        (one device-to-host copy for the whole optimizer step)."""
-        done = [mb for mb in self._pending if mb.rows is not None]
-        if done:
-            if self._shard is None:
-                raise RuntimeError("a training step ran outside an epoch")
-            scaled = []
-            for mb in done:
-                if mb.scale is None:
-                    raise RuntimeError("no gradient reached the logits of a collected batch")
-                div = mb.scale.to(mb.rows.device)
-                if self.grad_cfg.loss_reduction == "mean":
-                    div = div * loss_token_counts(mb.labels).to(div)
-                scaled.append(mb.rows / div[:, None])
-            rows = torch.cat(scaled).cpu().numpy()
-            idx = torch.cat([mb.idx.to(scaled[0].device) for mb in done]).cpu().numpy()
-            self._shard.append(idx, rows)
-            if self.order is not None:
-                self.order.extend(
-                    {"_idx": int(i), "global_step": int(global_step), "epoch": self._epoch}
-                    for i in idx.tolist()
-                )
-        self._pending = [mb for mb in self._pending if mb.rows is None]
-        if not self._pending:
-            self._current = None
