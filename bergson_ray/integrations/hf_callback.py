@@ -249,10 +249,12 @@ class GradientCollectorCallback(TrainerCallback):
         self._shard = RowShard(self._shard_dir(self._epoch), dist.rank(), self._dim)
 
     def on_substep_end(self, args, state, control, **kwargs):
-        self._rows.close_live_batch()
+        if self._rows is not None:
+            self._rows.close_live_batch()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._rows.close_live_batch()
+        if self._rows is not None:
+            self._rows.close_live_batch()
 
     def on_optimizer_step(self, args, state, control, *, model=None, optimizer=None, **kwargs):
         """Right after ``optimizer.step()``: its moments are the ones of this step, and the
@@ -267,6 +269,8 @@ class GradientCollectorCallback(TrainerCallback):
 
     def _finish_step(self, model: nn.Module | None, optimizer: Any, global_step: int) -> None:
         """The step's rows into this rank's shard (and ``order.hf``'s records)."""
+        if self._rows is None:  # no train() began: nothing is hooked
+            return
         normalizers = None
         if self._deferred and self._rows.pending:
             if optimizer is None:
