@@ -73,30 +73,67 @@ def peak_rss(pid: int | None = None, every: float = 0.2):
 
 
 def run_timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
-    """Run a command, return wall seconds, peak RSS of its tree, and its output."""
+    """Run a command, return wall seconds, peak RSS of its tree, and its output.
+
+    ``stamped`` holds each output line (tqdm's ``\r`` updates count as lines) with the
+    time it arrived, so a progress bar's span is known to its refresh interval (0.1 s)
+    instead of the whole seconds tqdm prints (:func:`tqdm_seconds`).
+    """
+    import codecs
+
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, cwd=cwd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, cwd=cwd)  # fmt: skip
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stamped: list[tuple[float, str]] = []
+    partial = ""
     with peak_rss(proc.pid) as mem:
-        out, _ = proc.communicate()
+        while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+            now = time.perf_counter()
+            *done, partial = re.split(r"[\r\n]", partial + decoder.decode(chunk))
+            stamped.extend((now, line) for line in done)
+        proc.wait()
+    stamped.append((time.perf_counter(), partial + decoder.decode(b"", final=True)))
     return {"rc": proc.returncode, "wall": time.perf_counter() - t0, "peak_mib": mem["peak_mib"],
-            "output": out}
+            "output": "\n".join(line for _, line in stamped), "stamped": stamped}
 
 
 _TQDM = re.compile(r"^(.*?):\s+\d+%\|.*?\| *(\d+)/(\d+) \[([\d:]+)<")
 
 
-def tqdm_seconds(text: str, label: str) -> float | None:
-    """Elapsed seconds of the last tqdm bar whose description contains ``label``."""
-    best = None
-    for line in text.replace("\r", "\n").split("\n"):
+def bar_spans(run: str | dict, labels: tuple[str, ...]) -> dict[str, float]:
+    """Seconds per tqdm bar (by description) whose description contains one of ``labels``.
+
+    From a :func:`run_timed` result: the time between the bar's first and last printed
+    state, as they arrived (tqdm prints the bar when it is made and when it closes). From
+    plain text: the last elapsed time the bar printed, in whole seconds.
+    """
+    lines = run.get("stamped") if isinstance(run, dict) else None
+    if lines is None:
+        text = run["output"] if isinstance(run, dict) else run
+        lines = [(None, line) for line in text.replace("\r", "\n").split("\n")]
+    first: dict[str, float] = {}
+    spans: dict[str, float] = {}
+    for t, line in lines:
         m = _TQDM.match(line.strip())
-        if m and label in m.group(1):
+        if not m or not any(lab in m.group(1) for lab in labels):
+            continue
+        desc = m.group(1)
+        if t is None:
             secs = 0.0
             for part in m.group(4).split(":"):
                 secs = secs * 60 + float(part)
-            best = secs
-    return best
+            spans[desc] = secs
+        else:
+            first.setdefault(desc, t)
+            spans[desc] = t - first[desc]
+    return spans
+
+
+def tqdm_seconds(run: str | dict, label: str) -> float | None:
+    """Seconds of the last tqdm bar whose description contains ``label`` (see :func:`bar_spans`)."""
+    spans = bar_spans(run, (label,))
+    return list(spans.values())[-1] if spans else None
 
 
 def cpu_busy_percent(seconds: float = 1.0) -> float:

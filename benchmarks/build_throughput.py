@@ -57,7 +57,7 @@ def ours(model: str, data: str, out: Path, variant: str) -> dict:
     # load); the workers' own busy time is the figure comparable to bergson's loop.
     # With W workers in parallel the loop lasts about busy / W.
     busy = summary.get("worker_compute_seconds")
-    r["loop"] = busy / workers if busy else tqdm_seconds(r["output"], "build")
+    r["loop"] = busy / workers if busy else tqdm_seconds(r, "build")
     r["startup"] = summary.get("startup", {})
     r["driver_bytes"] = summary.get("driver_bytes_per_row")
     return r
@@ -75,7 +75,7 @@ def theirs(model: str, data: str, out: Path) -> dict:
     cmd = [str(exe), "build", str(out), "--model", model, "--dataset", data, "--projection_dim", "16",
            "--truncation", "--token_batch_size", "512", "--overwrite", "true"]
     r = run_timed(cmd, ENV)
-    r["loop"] = tqdm_seconds(r["output"], "Computing")
+    r["loop"] = tqdm_seconds(r, "Computing")
     return r
 
 

@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import bergson_cli, cpu_busy_percent, run_timed  # noqa: E402
+from _harness import bar_spans, bergson_cli, cpu_busy_percent, run_timed  # noqa: E402
 
 from bergson_ray.utils.ray_env import LOOPBACK_ENV  # noqa: E402
 
@@ -45,22 +45,6 @@ ENV = {**LOOPBACK_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "PYTHONWARNINGS": "ignore"}  # fmt: skip
 TOKEN_BATCH = 512
 """bergson refuses a token budget above the model's max length (512 for the tiny model)."""
-_BAR = re.compile(r"^(.*?):\s+\d+%\|.*?\| *(\d+)/(\d+) \[([\d:]+)<")
-
-
-def bar_seconds(text: str, labels: tuple[str, ...]) -> float | None:
-    """Sum over distinct progress bars (by description) containing a label of their final time."""
-    last: dict[str, float] = {}
-    for line in text.replace("\r", "\n").split("\n"):
-        m = _BAR.match(line.strip())
-        if m and any(lab in m.group(1) for lab in labels):
-            secs = 0.0
-            for part in m.group(4).split(":"):
-                secs = secs * 60 + float(part)
-            last[m.group(1)] = secs
-    return sum(last.values()) if last else None
-
-
 def ours(model: str, data: str, split: str, out: Path, variant: str, ev: bool) -> dict:
     exe = Path(sys.executable).with_name("bergson-ray")
     shards = variant.removeprefix("process").removeprefix("ray")
@@ -88,7 +72,8 @@ def theirs(model: str, data: str, split: str, out: Path, ev: bool) -> dict:
            "--model", model, "--dataset", data, "--split", split,
            "--token_batch_size", str(TOKEN_BATCH), "--overwrite", "true"]  # fmt: skip
     r = run_timed(cmd, ENV)
-    r["fit"] = bar_seconds(r["output"], ("Approximating Hessians", "Computing eigenvectors"))
+    bars = bar_spans(r, ("Approximating Hessians", "Computing eigenvectors"))
+    r["fit"] = sum(bars.values()) if bars else None
     m = re.findall(r"Total processed: (\d+)", r["output"])
     r["positions"] = int(m[-1]) if m else None
     return r

@@ -427,7 +427,7 @@ class Bench:
         else:
             # end to end: the subsets and the full-data model; loop: its "Validating" bar,
             # which times the subsets' retrains (the full-data model is trained before it)
-            loop = tqdm_seconds(r["output"], "Validating")
+            loop = tqdm_seconds(r, "Validating")
             t["bergson"] = {"retrains": n + 1, "wall_s": r["wall"], "loop_s": loop,
                             "per_min_wall": 60 * (n + 1) / r["wall"],
                             "per_min_loop": 60 * n / loop if loop else None}  # fmt: skip

@@ -64,7 +64,7 @@ def run_score(exe: list[str], data: str, query: str, out: Path, label: str) -> d
     cmd = [*exe, "score", str(out), "--model", model, "--dataset", data, "--query_path", query,
            "--projection_dim", "16", "--truncation", "--token_batch_size", "512"]
     r = run_timed(cmd, ENV)
-    r["loop"] = tqdm_seconds(r["output"], label)
+    r["loop"] = tqdm_seconds(r, label)
     summary = out / "summary.json"
     if r["rc"] == 0 and summary.exists():  # ours: the workers' own busy time (no start-up)
         busy = json.loads(summary.read_text()).get("worker_compute_seconds")
