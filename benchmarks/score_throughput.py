@@ -103,8 +103,10 @@ def main() -> None:
                 print(f"{n:>7} {q:>7} {who:<12} {res['wall']:7.1f} {n / res['wall']:10.1f} {loop} "
                       f"{res['peak_mib']:9.0f}")
             if len(rows) == 2 and all(x[1]["rc"] == 0 for x in rows):
-                print(f"{'':>16}ratio bergson_ray/bergson docs/s: {rows[0][1]['wall'] / rows[1][1]['wall']:.2f} "
-                      "(end to end)")
+                (_, b), (_, o) = rows
+                loop = f", {b['loop'] / o['loop']:.2f} (loop)" if b.get("loop") and o.get("loop") else ""
+                print(f"{'':>16}ratio bergson_ray/bergson docs/s: {b['wall'] / o['wall']:.2f} "
+                      f"(end to end){loop}")
     for extra in ("s_b", "s_o"):
         shutil.rmtree(root / extra, ignore_errors=True)
 
