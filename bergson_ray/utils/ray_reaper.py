@@ -13,6 +13,7 @@ hands nothing to the reaper.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -85,40 +86,68 @@ def reap(driver: int, processes: list[tuple[int, float]]) -> None:
 
     The descendants are recorded while the driver lives: once it dies the GCS and the
     raylet may exit on their own, and the agents and workers they started are then
-    re-parented to init, out of reach of a late ``children()`` call."""
+    re-parented to init, out of reach of a late ``children()`` call. Every psutil call
+    tolerates a process vanishing under it: the driver (or a victim) can be reaped by its
+    parent between any two calls, and the reaper must still end the rest."""
     import psutil
 
     roots = [p for p in (_same_process(pid, t) for pid, t in processes) if p is not None]
     known: dict[int, psutil.Process] = {p.pid: p for p in roots}
-    driver_proc = psutil.Process(driver)
-    while driver_proc.is_running() and driver_proc.status() != psutil.STATUS_ZOMBIE:
+    driver_proc = _process(driver)
+    while driver_proc is not None and _running(driver_proc):
         _record_descendants(roots, known)
         time.sleep(POLL_S)
     _record_descendants(roots, known)
     time.sleep(GRACE_S)
-    victims = [p for p in known.values() if p.is_running()]  # is_running checks the pid's age
+    _record_descendants(roots, known)  # what a still-running raylet started meanwhile
+    victims = [p for p in known.values() if _running(p)]  # is_running checks the pid's age
     for p in victims:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(victims, timeout=TERM_WAIT_S)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
+
+
+def _process(pid: int):
+    """``psutil.Process(pid)``, or None when it is already gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def _running(p) -> bool:
+    """Alive and not a zombie; False when the pid is gone or now names another process."""
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _record_descendants(roots: list, known: dict) -> None:
+    """Add every live descendant of the (still identical) roots to ``known``.
+
+    One pass over the process table per call, whatever the number of roots (psutil's
+    ``children(recursive=True)`` rescans it for each root)."""
     import psutil
 
-    for root in roots:
-        try:
-            for child in root.children(recursive=True):
+    children: dict[int, list] = {}
+    for p in psutil.process_iter(["ppid"]):
+        children.setdefault(p.info["ppid"], []).append(p)
+    stack = [r.pid for r in roots if _running(r)]
+    seen = set(stack)
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child.pid not in seen:
+                seen.add(child.pid)
                 known.setdefault(child.pid, child)
-        except psutil.Error:
-            continue
+                stack.append(child.pid)
 
 
 def main(argv: list[str]) -> int:
