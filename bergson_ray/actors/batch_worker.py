@@ -166,12 +166,12 @@ class BatchWorker:
             self.faults.after_batch(self.batches, self.node)  # test hook: the one seam
         out["node"] = np.full(len(out["idx"]), self.node_key, dtype=np.int64)
         out["setup_s"] = np.zeros(len(out["idx"]), dtype=np.float32)
-        out["first_grad_lag_s"] = np.zeros(len(out["idx"]), dtype=np.float32)
+        out["first_grad_wall"] = np.zeros(len(out["idx"]), dtype=np.float64)
         if self.batches == 1 and len(out["idx"]):
             out["setup_s"][0] = self.setup_s
             first = getattr(self.runner, "first_batch_wall", None)
-            if first is not None:  # how long before this output its first gradients were done
-                out["first_grad_lag_s"][0] = max(time.time() - first, 1e-6)
+            if first is not None:  # when this worker's first gradients were done (its clock)
+                out["first_grad_wall"][0] = first
         return out
 
 

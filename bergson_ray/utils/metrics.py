@@ -154,11 +154,14 @@ class StageMonitor:
             self.compute_seconds += float(np.asarray(batch["compute_s"]).sum())
         if "setup_s" in batch and rows:
             self.worker_setup = max(self.worker_setup, float(np.asarray(batch["setup_s"]).max()))
-        lag = 0.0
-        if "first_grad_lag_s" in batch and rows:
-            lag = float(np.asarray(batch["first_grad_lag_s"]).max())
-        if lag > 0:  # a worker's first output: its first gradient batch finished `lag` s ago
-            first_grad = time.time() - lag
+        worker_wall = 0.0
+        if "first_grad_wall" in batch and rows:
+            worker_wall = float(np.asarray(batch["first_grad_wall"]).max())
+        if worker_wall > 0:  # a worker's first output: when its first gradients were done
+            # Its own clock, not receipt minus a lag: Ray Data hands a worker's output over
+            # a whole input block at a time, seconds after the first batch in it. Never
+            # later than now (a node's clock may run ahead).
+            first_grad = min(worker_wall, time.time())
             self.first_grad_wall = min(self.first_grad_wall or first_grad, first_grad)
         now = time.perf_counter()
         if self._first is None:
