@@ -84,17 +84,33 @@ CLI_RUNS: dict[str, list[str]] = {
 
 def cli_runs(names: list[str] | None = None) -> dict[str, Path]:
     """The :data:`CLI_RUNS` named (default: all) under :data:`RUNS`, each made once by
-    bergson and then cached (a finished run directory, ``info.json`` present, is done)."""
+    bergson and then cached. A cached run is reused only if it finished (``info.json``)
+    and its stamp matches: the same arguments, the same tiny model file, and every run it
+    reads reused too (editing an entry of :data:`CLI_RUNS` or re-making the assets
+    re-runs what depends on it, instead of comparing against a stale run)."""
     RUNS.mkdir(parents=True, exist_ok=True)
-    out = {}
+    out: dict[str, Path] = {}
+    fresh: set[str] = set()
     for name, args in CLI_RUNS.items():
         if names is not None and name not in names and not _needed(name, names):
             continue
-        path = RUNS / name
-        if not (path / "info.json").exists():
+        path, stamp_file = RUNS / name, RUNS / f"{name}.stamp.json"
+        stamp = _stamp(args)
+        reads_fresh = any(f"{{RUNS}}/{dep}" in a for dep in fresh for a in args)
+        cached = (path / "info.json").exists() and stamp_file.exists()
+        if reads_fresh or not cached or json.loads(stamp_file.read_text()) != stamp:
+            stamp_file.unlink(missing_ok=True)
             bergson_cli(name, args, path)
+            stamp_file.write_text(json.dumps(stamp))
+            fresh.add(name)
         out[name] = path
     return out
+
+
+def _stamp(args: list[str]) -> dict:
+    """What a cached run was made from: its arguments and the model file's size and age."""
+    st = (MODEL / "model.safetensors").stat()
+    return {"args": args, "model": [st.st_size, st.st_mtime_ns]}
 
 
 def bergson_cli(name: str, args: list[str], out: Path) -> None:
