@@ -72,7 +72,9 @@ def test_two_gloo_ranks_equal_the_unsharded_model(ray_session, unsharded):
         ray.kill(runner.ranks[1], no_restart=True)
         again = runner.gradients(idx[:6])
         assert runner.restarts == 1
-        assert_same(by_idx(again, "grads"), unsharded["grads"]["grads"][:6])
+        # The rebuilt group packs these 6 documents into other micro-batch shapes, and
+        # MKL's AVX-512 kernels round differently by shape (1.2e-6 observed there).
+        assert_same(by_idx(again, "grads"), unsharded["grads"]["grads"][:6], tol=2e-6)
     finally:
         runner._stop()
 

@@ -33,6 +33,10 @@ COMMON = dict(
     projection_dim=P,
     truncation=True,
     executor="process",  # build/score/p_i stages in process (tests/test_in_process.py)
+    # one thread, as each of two Ray workers on 2 CPUs has: bit-equality across executors
+    # holds at equal thread counts (on AVX-512 CPUs MKL splits a long reduction, such as
+    # the projection's, across threads, which changes its last bits)
+    torch_threads=1,
     **{"query.split": QUERY_SPLIT, "query.truncation": True},
 )
 SEED = 3
