@@ -248,3 +248,37 @@ def test_a_ray_pool_gets_the_in_process_windows(ray_session, monkeypatch, max_bl
         assert len(seen[int(first)]) <= size
     want = workers.index_windows(rows, 5)
     assert sorted(map(sorted, seen.values())) == sorted(sorted(w.tolist()) for w in want)
+
+
+NO_TASKS = """
+import json, sys, time
+import numpy as np, psutil
+from bergson_ray.utils.ray_env import init_ray
+init_ray(num_cpus=2)
+from bergson_ray.pipelines import workers
+workers.MAX_BLOCKS = int(sys.argv[1])
+def is_worker(cmd):  # a Ray worker, before or after it renames itself (not an agent)
+    return (len(cmd) > 1 and cmd[1].endswith("default_worker.py")) or (
+        bool(cmd) and cmd[0].startswith("ray::") and "Agent" not in cmd[0])
+def python_workers():
+    return sum(is_worker(c.cmdline()) for c in psutil.Process().children(recursive=True))
+before = python_workers()
+ds = workers.index_dataset(np.arange(23), 5)
+time.sleep(3)  # a task would have had Ray start a worker process by now
+print(json.dumps([before, python_workers(), ds.num_blocks()]))
+"""
+
+
+@pytest.mark.ray
+def test_the_index_dataset_starts_no_worker_process():
+    """Building a pool's input runs no Ray task: ``from_arrow`` ran one metadata task per
+    block, for which Ray started two Python workers that sat idle through the run (about
+    220 MiB and a CPU-second each on a 2-core machine). A fresh local Ray without
+    prestarted workers, in a subprocess."""
+    env = {**subprocess_env(), "RAY_prestart_worker_first_driver": "0"}
+    out = subprocess.run([sys.executable, "-c", NO_TASKS, "2"], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, blocks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert blocks == 2  # 5 windows, at most 2 blocks: several windows per block
+    assert before == after == 0, (before, after)
