@@ -282,3 +282,26 @@ def test_the_index_dataset_starts_no_worker_process():
     before, after, blocks = json.loads(out.stdout.strip().splitlines()[-1])
     assert blocks == 2  # 5 windows, at most 2 blocks: several windows per block
     assert before == after == 0, (before, after)
+
+
+@pytest.mark.ray
+def test_a_pool_never_outnumbers_its_input_blocks(tmp_path, ray_session, tiny_assets, monkeypatch):
+    """Each block of the index dataset goes to one worker, so a pool larger than the
+    block count would load the model in workers that never get a window (and Ray Data
+    warns about it). ``index_blocks`` predicts the count; the pool is cut to it."""
+    import warnings
+
+    from bergson_ray.pipelines import workers
+
+    for rows, window, max_blocks in [(23, 5, 4096), (23, 5, 2), (1, 5, 4096), (0, 5, 4096),
+                                     (3 * 4096 - 1, 1, 4096)]:  # fmt: skip
+        monkeypatch.setattr(workers, "MAX_BLOCKS", max_blocks)
+        ds = workers.index_dataset(np.arange(rows), window)
+        assert workers.index_blocks(rows, window) == ds.num_blocks(), (rows, window, max_blocks)
+    monkeypatch.setattr(workers, "MAX_BLOCKS", 4096)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = build(run_path=tmp_path / "b", executor="ray", num_workers=2,
+                    **{**COMMON, "window_size": 64})  # fmt: skip
+    assert summary(out)["rows"] == N
+    assert not [str(w.message) for w in caught if "concurrent actors" in str(w.message)]

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -106,11 +106,22 @@ def index_dataset(indices: np.ndarray, window: int):
     import ray
 
     windows = index_windows(indices, window) or [np.zeros(0, dtype=np.int64)]
-    per_block = math.ceil(len(windows) / MAX_BLOCKS)
+    per_block = _windows_per_block(len(windows))
     blocks = [np.concatenate(windows[k : k + per_block]) for k in range(0, len(windows), per_block)]
     tables = [pa.table({"idx": part}) for part in blocks]
     from_blocks = getattr(ray.data, "from_blocks", None)  # a DeveloperAPI; older Rays lack it
     return from_blocks(tables) if from_blocks is not None else ray.data.from_arrow(tables)
+
+
+def _windows_per_block(windows: int) -> int:
+    return max(1, math.ceil(windows / MAX_BLOCKS))
+
+
+def index_blocks(rows: int, window: int) -> int:
+    """How many blocks :func:`index_dataset` makes of ``rows`` row indices: the most
+    workers that can get work at once (each block goes to one worker)."""
+    windows = max(1, math.ceil(rows / max(1, window)))
+    return math.ceil(windows / _windows_per_block(windows))
 
 
 def index_windows(indices: np.ndarray, window: int) -> list[np.ndarray]:
@@ -141,6 +152,10 @@ def run_workers(
 
         windows = index_windows(indices, ray_cfg.window_size)
         return in_process_batches(windows, spec, output, pool.torch_threads)
+    blocks = index_blocks(len(indices), ray_cfg.window_size)
+    if pool.size > blocks:  # the rest would load the model and never get a window
+        log.info("%d window(s) of rows: starting %d of %d workers", blocks, blocks, pool.size)
+        pool = replace(pool, size=blocks)
     ds = index_dataset(indices, ray_cfg.window_size)
     ds = map_workers(ds, spec, output, ray_cfg, pool, probe=probe, faults=faults)
     return ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
