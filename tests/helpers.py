@@ -155,6 +155,16 @@ def summary_of(path) -> dict:
 
 
 # --- assertions -------------------------------------------------------------------------
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not count)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def assert_same(a: np.ndarray, b: np.ndarray, tol: float = 1e-6) -> None:
     """Equal up to ``tol`` of the largest entry: only fp32 summation order may differ."""
     a, b = np.asarray(a), np.asarray(b)

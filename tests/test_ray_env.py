@@ -13,7 +13,7 @@ import time
 
 import pytest
 import ray
-from helpers import subprocess_env
+from helpers import process_alive, subprocess_env
 
 from bergson_ray.utils import ray_env
 
@@ -180,20 +180,11 @@ def test_a_sigkilled_driver_leaves_no_ray_processes():
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(_alive(p) for p in ray_pids):
+        while time.monotonic() < deadline and any(process_alive(p) for p in ray_pids):
             time.sleep(0.25)
-        left = [p for p in ray_pids if _alive(p)]
+        left = [p for p in ray_pids if process_alive(p)]
         assert not left, f"Ray processes still running 20 s after the driver died: {left}"
     finally:
         for pid in [proc.pid, *pids]:  # only what this test started, by id
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False

@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+from helpers import process_alive
 
 from bergson_ray.utils import ray_reaper
 
@@ -47,13 +48,6 @@ def _tree() -> tuple[subprocess.Popen, list[int]]:
     return root, [root.pid, child, grandchild]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
-
-
 def _end(*procs: subprocess.Popen) -> None:
     for p in procs:  # only what this test started, by id
         p.kill()
@@ -84,9 +78,9 @@ def test_the_recorded_tree_ends_with_the_driver_and_nothing_else(fast, driver_go
         reaper.join(timeout=15)
         assert not reaper.is_alive()
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not all(_gone(p) for p in tree):
+        while time.monotonic() < deadline and any(process_alive(p) for p in tree):
             time.sleep(0.1)
-        assert [p for p in tree if not _gone(p)] == []
+        assert [p for p in tree if process_alive(p)] == []
         assert bystander.poll() is None, "the reaper ended a process it was not handed"
     finally:
         _end(driver, bystander, root)
