@@ -52,15 +52,19 @@ def tree_rss_mib(pid: int) -> float:
 
 
 @contextmanager
-def peak_rss(pid: int | None = None, every: float = 0.2):
-    """Sample the process tree's RSS in a thread; yields a dict filled with ``peak_mib``."""
+def peak_rss(pid: int | None = None, every: float = 0.2, also: tuple[int, ...] = ()):
+    """Sample the process tree's RSS in a thread; yields a dict filled with ``peak_mib``.
+
+    ``also``: roots of further trees summed into each sample (a running Ray head, whose
+    workers a joining command's tree does not contain)."""
     pid = pid or os.getpid()
     result = {"peak_mib": 0.0}
     stop = threading.Event()
 
     def loop():
         while not stop.is_set():
-            result["peak_mib"] = max(result["peak_mib"], tree_rss_mib(pid))
+            now = tree_rss_mib(pid) + sum(tree_rss_mib(p) for p in also)
+            result["peak_mib"] = max(result["peak_mib"], now)
             stop.wait(every)
 
     t = threading.Thread(target=loop, daemon=True)
@@ -72,8 +76,11 @@ def peak_rss(pid: int | None = None, every: float = 0.2):
         t.join()
 
 
-def run_timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
-    """Run a command, return wall seconds, peak RSS of its tree, and its output.
+def run_timed(
+    cmd: list[str], env: dict | None = None, cwd: str | None = None, also: tuple[int, ...] = ()
+) -> dict:
+    """Run a command, return wall seconds, peak RSS of its tree (plus the trees under
+    ``also``, see :func:`peak_rss`), and its output.
 
     ``stamped`` holds each output line (tqdm's ``\r`` updates count as lines) with the
     time it arrived, so a progress bar's span is known to its refresh interval (0.1 s)
@@ -87,7 +94,7 @@ def run_timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stamped: list[tuple[float, str]] = []
     partial = ""
-    with peak_rss(proc.pid) as mem:
+    with peak_rss(proc.pid, also=also) as mem:
         while chunk := os.read(proc.stdout.fileno(), 1 << 16):
             now = time.perf_counter()
             *done, partial = re.split(r"[\r\n]", partial + decoder.decode(chunk))

@@ -23,7 +23,7 @@ from helpers import assert_same, rows_of, subprocess_env, tiny_runner_spec
 
 from bergson_ray.runners.gradient_runner import GradientRunner
 from bergson_ray.store.gradient_store import GradientStore
-from bergson_ray.utils.net import free_port
+from bergson_ray.testing.ray_head import LocalHead
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -58,78 +58,13 @@ def our_pids(marker: str) -> list[int]:
     return pids
 
 
-class Head:
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.dash = free_port()
-        self.metrics = free_port()
-        self.url = f"http://127.0.0.1:{self.dash}"
-        ports = {
-            "--port": free_port(),
-            "--dashboard-port": self.dash,
-            "--ray-client-server-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-            "--metrics-export-port": self.metrics,
-        }
-        cmd = [
-            str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--temp-dir={tmp}", "--disable-usage-stats",
-            *(f"{k}={v}" for k, v in ports.items()),
-        ]  # fmt: skip
-        self.log = open(tmp / "ray-start.log", "w")
-        self.proc = subprocess.Popen(
-            cmd, env=job_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"ray start exited: {(tmp / 'ray-start.log').read_text()[-3000:]}"
-                )
-            try:
-                urllib.request.urlopen(f"{self.url}/api/version", timeout=2).read()
-                return
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise RuntimeError("the head's dashboard never answered")
-
-    def stop(self) -> None:
-        """Stop exactly what we started: the `ray start --block` group, then stragglers."""
-        for sig, wait in ((signal.SIGTERM, 4), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            for pid in our_pids(str(self.tmp)):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + wait
-            while time.time() < deadline and (self.proc.poll() is None or our_pids(str(self.tmp))):
-                time.sleep(0.5)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def head():
-    # short path: Ray's unix sockets live under it (108-byte limit)
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix="brj-", dir="/tmp"))
-    h = Head(tmp)
-    yield h
-    h.stop()
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
+    with LocalHead(dashboard=True, env=job_env()) as h:
+        yield h
 
 
-def submit_cli(head: Head, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+def submit_cli(head: LocalHead, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
     cmd = [
         str(BIN / "ray"),
         "job",

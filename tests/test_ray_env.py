@@ -188,3 +188,42 @@ def test_a_sigkilled_driver_leaves_no_ray_processes():
         for pid in [proc.pid, *pids]:  # only what this test started, by id
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+
+
+JOIN_AND_DETACH = """
+import ray, sys
+ray.init(address=sys.argv[1])
+@ray.remote(num_cpus=0)
+class Keep:
+    def pid(self):
+        import os
+        return os.getpid()
+keep = Keep.options(name="keep", lifetime="detached").remote()
+print(ray.get(keep.pid.remote()), flush=True)
+"""
+
+
+@pytest.mark.ray
+def test_a_local_head_stops_every_process_it_started():
+    """The head that tests and benchmarks start (``testing/ray_head.py``) ends all it
+    started, a detached actor's worker included (it leaves the head's process group and
+    its command line does not name the temp dir), and removes its temp dir."""
+    from bergson_ray.testing.ray_head import LocalHead
+
+    head = LocalHead(num_cpus=1, env=subprocess_env())
+    pids: list[int] = []
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", JOIN_AND_DETACH, head.address], env=subprocess_env(),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        actor = int(out.stdout.split()[-1])
+        pids = head.pids()
+        assert actor in pids and len(pids) >= 4, pids  # ray start, GCS, raylet, the actor
+        assert os.getpgid(actor) != os.getpgid(head.proc.pid)
+    finally:
+        head.stop()
+    left = [p for p in pids if process_alive(p)]
+    assert not left, f"still running after stop(): {left}"
+    assert not head.tmp.exists()

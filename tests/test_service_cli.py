@@ -1,31 +1,26 @@
 """A service started by the CLI, queried from a second Python process.
 
-This module starts its own Ray head (``ray start --head --block`` in a new session, under
-a private temp dir) so the CLI and the client attach to a cluster that outlives each of
-them, exactly as users run it. Teardown kills exactly the processes it started (its
-process group, then anything still running under its temp dir). ``ray stop`` is never
-used: it would kill every Ray on the machine.
+This module starts its own Ray head (:class:`~bergson_ray.testing.ray_head.LocalHead`) so
+the CLI and the client attach to a cluster that outlives each of them, exactly as users
+run it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import kill_process_tree, subprocess_env
+from helpers import subprocess_env
 
 from bergson_ray.query.attributor import Attributor
 from bergson_ray.query.testing import tiny_store
-from bergson_ray.utils.net import free_port
+from bergson_ray.testing.ray_head import LocalHead
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -37,33 +32,8 @@ ENV = subprocess_env(OMP_NUM_THREADS="1")
 
 @pytest.fixture(scope="module")
 def head():
-    port = free_port()
-    tmp = tempfile.mkdtemp(prefix="brq", dir="/tmp")  # short: Ray puts sockets under it
-    log = open(Path(tmp) / "head.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=false",
-         "--num-cpus=2", "--object-store-memory=268435456", f"--temp-dir={tmp}", "--block"],
-        env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    address = f"127.0.0.1:{port}"
-    try:
-        probe = f"import ray; ray.init(address={address!r}); ray.shutdown()"
-        for _ in range(60):
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited: {(Path(tmp) / 'head.log').read_text()}")
-            r = subprocess.run(
-                [sys.executable, "-c", probe], env=ENV, capture_output=True, timeout=60
-            )
-            if r.returncode == 0:
-                break
-            time.sleep(1)
-        else:
-            raise RuntimeError("the Ray head did not come up")
-        yield address
-    finally:
-        kill_process_tree(proc, tmp, ((signal.SIGTERM, 10), (signal.SIGKILL, 10)))
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with LocalHead(object_store_bytes=256 << 20, env=ENV) as h:
+        yield h.address
 
 
 @pytest.fixture(scope="module")
