@@ -29,7 +29,10 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import bergson_cli, cpu_busy_percent, run_timed, tqdm_seconds, tree_rss_mib  # noqa: E402
@@ -65,6 +68,16 @@ def parse_variant(v: str) -> tuple[str, int]:
     return m.group(1) or "", int(m.group(2))
 
 
+def head_roots(head: LocalHead) -> tuple[int, ...]:
+    """The head's daemons (GCS, raylet and the rest; workers are the raylet's children),
+    without the ``ray start --block`` process that holds them (200 MiB that README's
+    ``ray start --head``, which returns, does not keep)."""
+    try:
+        return tuple(c.pid for c in psutil.Process(head.proc.pid).children())
+    except psutil.NoSuchProcess:
+        return ()
+
+
 def ours(command: str, model: str, data: str, out: Path, variant: str, head: LocalHead | None) -> dict:
     exe = Path(sys.executable).with_name("bergson-ray")
     kind, workers = parse_variant(variant)
@@ -75,7 +88,7 @@ def ours(command: str, model: str, data: str, out: Path, variant: str, head: Loc
         cmd += ["--executor", "ray"]
     if kind == "head":
         env["RAY_ADDRESS"] = head.address
-    r = run_timed(cmd, env, also=(head.proc.pid,) if kind == "head" else ())
+    r = run_timed(cmd, env, also=head_roots(head) if kind == "head" else ())
     summary = json.loads((out / "summary.json").read_text()) if r["rc"] == 0 else {}
     r["tokens"] = summary.get("tokens")
     # the progress bar starts before Ray Data launches the actors (torch import, model
@@ -145,8 +158,10 @@ def main() -> None:
     if "head" in kinds:
         head = LocalHead(num_cpus=os.cpu_count(), env=loopback_env(**ENV))
         warm = ours(args.command, model, data, root / "ours_warmup", "head1", head)
+        time.sleep(10)  # the job's worker and Ray's idle ones exit after it
+        idle = sum(tree_rss_mib(pid) for pid in head_roots(head))
         print(f"head at {head.address}: first command {warm['wall']:.1f}s (not counted); "
-              f"idle head {tree_rss_mib(head.proc.pid):.0f} MiB RSS")
+              f"idle head {idle:.0f} MiB RSS")
     results: dict[str, list[dict]] = {}
     try:
         for _ in range(args.reps):
