@@ -21,7 +21,6 @@ import csv
 import hashlib
 import math
 import re
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInputError
-from ..store.files import read_yaml
+from ..store.files import find_key, read_yaml
 from .score_report import scalar_summary
 
 SLICE = re.compile(r"^(summary|validation)_(\d+)_(\d+)\.csv$")
@@ -147,11 +146,18 @@ def read_lds(run: Path) -> list[QueryLds]:
         part = _slice_label(path)
         for i, r in enumerate(_records(path, cols)):
             q = r.get("query", i)
-            out.append(QueryLds(
-                int(q) if math.isfinite(q) else i, r["spearman_corr"], r["spearman_p"],
-                r["pearson_corr"], r["pearson_p"], int(r["N"]) if math.isfinite(r["N"]) else 0,
-                r["baseline_loss"], part,
-            ))
+            out.append(
+                QueryLds(
+                    int(q) if math.isfinite(q) else i,
+                    r["spearman_corr"],
+                    r["spearman_p"],
+                    r["pearson_corr"],
+                    r["pearson_p"],
+                    int(r["N"]) if math.isfinite(r["N"]) else 0,
+                    r["baseline_loss"],
+                    part,
+                )
+            )
     return out
 
 
@@ -189,23 +195,10 @@ def other_tables(run: Path) -> list[Table]:
     return tables
 
 
-def _find(doc: Any, key: str) -> Any:
-    queue: deque[Any] = deque([doc])
-    while queue:
-        cur = queue.popleft()
-        if isinstance(cur, dict):
-            if key in cur:
-                return cur[key]
-            queue.extend(cur.values())
-        elif isinstance(cur, list):
-            queue.extend(cur)
-    return None
-
-
 def bank_identity(run: Path, config: Any) -> tuple[str | None, str]:
     """``(key, label)``: runs with the same key retrained the same subsets. The bank
     paths when the LDS used ``--subsets bank``, else a digest of ``subsets.json``."""
-    lds = _find(config, "lds")
+    lds = find_key(config, "lds")
     if isinstance(lds, dict) and lds.get("subsets") == "bank" and lds.get("paths"):
         paths = sorted(str(Path(p).expanduser().resolve()) for p in lds["paths"])
         return "bank:" + "|".join(paths), "bank " + ", ".join(paths)
@@ -230,7 +223,7 @@ def validate_report(path: str | Path) -> ValidateReport:
             config = read_yaml(config_path)
         except Exception:  # noqa: BLE001 - labels only
             config = None
-    scores = _find(config, "scores")
+    scores = find_key(config, "scores")
     key, bank_label = bank_identity(path, config)
     report = ValidateReport(
         path=path,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,21 @@ def read_yaml(path: Path) -> Any:
         raise StoreError(f"{path} is not valid YAML: {e}") from e
 
 
+def find_key(doc: Any, key: str) -> Any:
+    """``key``'s value in nested dicts and lists (a parsed YAML/JSON config), breadth
+    first so the shallowest occurrence wins; None where it is absent."""
+    queue: deque[Any] = deque([doc])
+    while queue:
+        cur = queue.popleft()
+        if isinstance(cur, dict):
+            if key in cur:
+                return cur[key]
+            queue.extend(cur.values())
+        elif isinstance(cur, list):
+            queue.extend(cur)
+    return None
+
+
 def load_offsets(path: Path, num_items: int, num_grads: int) -> np.ndarray:
     """A per-token store's ``offsets.npy``, checked against ``info.json``'s counts."""
     if not path.is_file():
@@ -176,4 +192,3 @@ def load_tensors_only(path: Path) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StoreError(f"{path} is not a readable torch file: {first}") from None
-

@@ -3,7 +3,6 @@ recorded in its run's ``config.yaml``; layout in :mod:`bergson_ray.store.score_l
 
 from __future__ import annotations
 
-from collections import deque
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -12,25 +11,11 @@ import numpy as np
 
 from bergson_ray.errors import StoreError
 from bergson_ray.store.elements import to_float32
-from bergson_ray.store.files import read_yaml
+from bergson_ray.store.files import find_key, read_yaml
 from bergson_ray.store.score_layout import ScoreFile
 
 CANDIDATES_NPY = "candidates.npy"
 CONFIG_YAML = "config.yaml"
-
-
-def _find_key(obj: Any, key: str) -> Any:
-    """Breadth-first search for ``key`` in nested dicts/lists (shallowest wins)."""
-    queue: deque[Any] = deque([obj])
-    while queue:
-        cur = queue.popleft()
-        if isinstance(cur, dict):
-            if key in cur:
-                return cur[key]
-            queue.extend(cur.values())
-        elif isinstance(cur, list):
-            queue.extend(cur)
-    return None
 
 
 def read_higher_is_better(run_dir: str | Path) -> bool | None:
@@ -47,7 +32,7 @@ def read_higher_is_better(run_dir: str | Path) -> bool | None:
             score_cfg = body.get("score_cfg") if isinstance(body, dict) else None
             if isinstance(score_cfg, dict) and "higher_is_better" in score_cfg:
                 return bool(score_cfg["higher_is_better"])
-    value = _find_key(doc, "higher_is_better")
+    value = find_key(doc, "higher_is_better")
     return None if value is None else bool(value)
 
 
