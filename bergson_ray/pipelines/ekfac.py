@@ -30,11 +30,11 @@ from ..config import (
     PreprocessConfig,
     RunConfig,
     ScoreConfig,
-    ScoreRunConfig,
     as_config,
 )
 from ..errors import BadInputError
 from .stages import with_default_query
+from .steps import score_step
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,6 @@ def precondition_query(
 
 def ekfac(cfg: EkfacRunConfig | dict | None = None, **overrides) -> Path:
     """Run the four steps; returns the ``scores/`` run directory."""
-    from .score import score
 
     cfg = as_config(EkfacRunConfig, cfg, **overrides)
     if not cfg.run.run_path:
@@ -185,23 +184,15 @@ def ekfac(cfg: EkfacRunConfig | dict | None = None, **overrides) -> Path:
     tpath, done = _step(root, f"{cfg.hessian.method}_query", cfg.run.overwrite)
     if not done:
         tpath = precondition_query(cfg, qpath, hpath, tpath)
-    spath = score(
-        ScoreRunConfig(
-            run=RunConfig(run_path=str(root / "scores"), overwrite=cfg.run.overwrite),
-            model=cfg.model,
-            data=cfg.data,
-            grad=cfg.grad,
-            batch=cfg.batch,
-            preprocess=PreprocessConfig(),
-            ray=cfg.ray,
-            skip_short_docs=cfg.skip_short_docs,
-            score=ScoreConfig(
-                query_path=str(tpath),
-                score="individual",
-                higher_is_better=True,
-                query_batch_size=cfg.query_batch_size,
-            ),
-        )
+    spath = score_step(
+        cfg,
+        RunConfig(run_path=str(root / "scores"), overwrite=cfg.run.overwrite),
+        ScoreConfig(
+            query_path=str(tpath),
+            score="individual",
+            higher_is_better=True,
+            query_batch_size=cfg.query_batch_size,
+        ),
     )
     log.info("ekfac: done in %.1fs -> %s", time.perf_counter() - t0, spath)
     return spath

@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import BuildConfig, PreprocessConfig, RunConfig, ScoreRunConfig, as_config
+from ..config import BuildConfig, PreprocessConfig, RunConfig, as_config
 from ..config.lissa import LissaRunConfig
 from ..errors import BadInputError
 from .stages import with_default_query
-from .steps import StepRecord
+from .steps import StepRecord, score_step
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,6 @@ def lissa(cfg: LissaRunConfig | dict | None = None, *, faults: Any = None, **ove
     ``bergson_ray.lissa(run_path="runs/lissa", **{"query.dataset": "q.jsonl"}, depth=1000)``
     (``faults``: tests only).
     """
-    from .score import score
 
     cfg = as_config(LissaRunConfig, cfg, **overrides)
     cfg = with_default_query(cfg, cfg.score.query_path)
@@ -241,22 +240,9 @@ def lissa(cfg: LissaRunConfig | dict | None = None, *, faults: Any = None, **ove
 
     spath = steps.path("scores")
     if not steps.done("scores", ("query", "lissa_query")):
-        spath = score(
-            ScoreRunConfig(
-                run=steps.run_config("scores"),
-                model=cfg.model,
-                data=cfg.data,
-                grad=cfg.grad,
-                batch=cfg.batch,
-                preprocess=PreprocessConfig(),
-                ray=cfg.ray,
-                skip_short_docs=cfg.skip_short_docs,
-                score=dataclasses.replace(cfg.score, query_path=str(tpath), higher_is_better=True),
-            )
-        )
-    record.update(ran=steps.ran, reused=steps.reused, seconds=round(time.perf_counter() - t0, 3))
-    (root / SUMMARY).write_text(json.dumps(record, indent=2) + "\n")
-    log.info("lissa: done in %.1fs -> %s", time.perf_counter() - t0, spath)
+        query = dataclasses.replace(cfg.score, query_path=str(tpath), higher_is_better=True)
+        spath = score_step(cfg, steps.run_config("scores"), query)
+    steps.write_summary(SUMMARY, record, t0)
     return Path(spath)
 
 

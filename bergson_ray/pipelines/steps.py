@@ -1,5 +1,6 @@
-"""The step record of a multi-step command (trackstar, lissa): which step dirs under
-the run dir to reuse, which to (re)compute, and the sub-run config of each.
+"""The steps of a multi-step command (trackstar, lissa, ekfac): which step dirs under
+the run dir to reuse, which to (re)compute, the sub-run config of each, and the last
+step they share, scoring the training data against the preconditioned query.
 
 A step is a run dir of its own (``RUN/<step>``, written as ``RUN/<step>.part``). Under
 ``--resume`` a finished step is reused unless a step it is made from was just
@@ -9,10 +10,13 @@ or its unfinished ``.part``, is replaced rather than continued.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
-from ..config import RunConfig
+from ..config import PreprocessConfig, RunConfig, ScoreConfig, ScoreRunConfig
 from ..errors import RunExistsError
 
 log = logging.getLogger(__name__)
@@ -63,3 +67,36 @@ class StepRecord:
         return RunConfig(
             run_path=str(self.path(name)), overwrite=replace, resume=self.resume and not replace
         )
+
+    def write_summary(self, name: str, record: dict[str, Any], t0: float) -> None:
+        """``RUN/<name>``: ``record`` plus the steps that ran and were reused and the
+        seconds since ``t0`` (a ``time.perf_counter()``)."""
+        seconds = round(time.perf_counter() - t0, 3)
+        record.update(ran=self.ran, reused=self.reused, seconds=seconds)
+        (self.root / name).write_text(json.dumps(record, indent=2) + "\n")
+        log.info("%s: done in %.1fs -> %s", self.command, seconds, self.root)
+
+
+def score_step(
+    cfg: Any, run: RunConfig, score: ScoreConfig, preprocess: PreprocessConfig | None = None
+) -> Path:
+    """The last step of a multi-step command: ``cfg``'s training data (its model, data,
+    gradient, batch and Ray sections) scored against the query store ``score.query_path``.
+
+    That query was preconditioned by an earlier step, so the training rows get no
+    preprocessing unless ``preprocess`` says so (trackstar's Hessian and normalization).
+    """
+    from .score import score as run_score
+
+    sub = ScoreRunConfig(
+        run=run,
+        model=cfg.model,
+        data=cfg.data,
+        grad=cfg.grad,
+        batch=cfg.batch,
+        preprocess=PreprocessConfig() if preprocess is None else preprocess,
+        ray=cfg.ray,
+        skip_short_docs=cfg.skip_short_docs,
+        score=score,
+    )
+    return Path(run_score(sub))

@@ -39,13 +39,12 @@ from ..config import (
     HessianConfig,
     HessianRunConfig,
     RunConfig,
-    ScoreRunConfig,
     as_config,
 )
 from ..config.trackstar import MixConfig, TrackstarRunConfig
 from ..errors import BadInputError
 from .stages import with_default_query
-from .steps import StepRecord
+from .steps import StepRecord, score_step
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,6 @@ def trackstar(cfg: TrackstarRunConfig | dict | None = None, **overrides) -> Path
     from ..utils.ray_env import init_ray
     from .in_process import runs_in_process
     from .mix import mix_dirs, rank_warning
-    from .score import score
 
     cfg = as_config(TrackstarRunConfig, cfg, **overrides)
     cfg = with_default_query(cfg, cfg.score.query_path)
@@ -224,20 +222,7 @@ def trackstar(cfg: TrackstarRunConfig | dict | None = None, **overrides) -> Path
     spath = steps.path("scores")
     if not steps.done("scores", ("value_hessian", "mixed_hessian", "query"),
                           stale=_names_other_hessian(steps.path("scores"), hessian_path)):
-        spath = score(
-            ScoreRunConfig(
-                run=steps.run_config("scores"),
-                model=cfg.model,
-                data=cfg.data,
-                grad=cfg.grad,
-                batch=cfg.batch,
-                preprocess=pre,
-                ray=cfg.ray,
-                skip_short_docs=cfg.skip_short_docs,
-                score=dataclasses.replace(cfg.score, query_path=str(qpath), higher_is_better=True),
-            )
-        )
-    record.update(ran=steps.ran, reused=steps.reused, seconds=round(time.perf_counter() - t0, 3))
-    (root / SUMMARY).write_text(json.dumps(record, indent=2) + "\n")
-    log.info("trackstar: done in %.1fs -> %s", time.perf_counter() - t0, spath)
+        query = dataclasses.replace(cfg.score, query_path=str(qpath), higher_is_better=True)
+        spath = score_step(cfg, steps.run_config("scores"), query, pre)
+    steps.write_summary(SUMMARY, record, t0)
     return Path(spath)
