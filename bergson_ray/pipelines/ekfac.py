@@ -166,7 +166,6 @@ def precondition_query(
 
 def ekfac(cfg: EkfacRunConfig | dict | None = None, **overrides) -> Path:
     """Run the four steps; returns the ``scores/`` run directory."""
-
     cfg = as_config(EkfacRunConfig, cfg, **overrides)
     if not cfg.run.run_path:
         raise BadInputError("run_path is required")

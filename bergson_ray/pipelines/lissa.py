@@ -214,7 +214,6 @@ def lissa(cfg: LissaRunConfig | dict | None = None, *, faults: Any = None, **ove
     ``bergson_ray.lissa(run_path="runs/lissa", **{"query.dataset": "q.jsonl"}, depth=1000)``
     (``faults``: tests only).
     """
-
     cfg = as_config(LissaRunConfig, cfg, **overrides)
     cfg = with_default_query(cfg, cfg.score.query_path)
     t0 = time.perf_counter()

@@ -10,7 +10,6 @@ or its unfinished ``.part``, is replaced rather than continued.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from ..config import PreprocessConfig, RunConfig, ScoreConfig, ScoreRunConfig
 from ..errors import RunExistsError
+from ..store.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class StepRecord:
         seconds since ``t0`` (a ``time.perf_counter()``)."""
         seconds = round(time.perf_counter() - t0, 3)
         record.update(ran=self.ran, reused=self.reused, seconds=seconds)
-        (self.root / name).write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(self.root / name, record)
         log.info("%s: done in %.1fs -> %s", self.command, seconds, self.root)
 
 
