@@ -14,6 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 ANCHOR_VENV = Path(os.environ.get("BERGSON_ANCHOR_VENV", "~/.cache/bergson-anchor/anchor-venv")).expanduser()
 
 
@@ -49,6 +51,17 @@ def tree_rss_mib(pid: int) -> float:
             continue
         stack += _children(p)
     return total / 2**20
+
+
+def head_roots(head) -> tuple[int, ...]:
+    """The roots to count in a joined-head run's RSS (:func:`peak_rss`'s ``also``): a
+    :class:`~bergson_ray.testing.ray_head.LocalHead`'s daemons (GCS, raylet and the rest;
+    workers are the raylet's children), not the ``ray start --block`` process holding
+    them (200 MiB that README's ``ray start --head``, which returns, does not keep)."""
+    try:
+        return tuple(c.pid for c in psutil.Process(head.proc.pid).children())
+    except psutil.NoSuchProcess:
+        return ()
 
 
 @contextmanager

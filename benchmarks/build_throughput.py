@@ -32,10 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import bergson_cli, cpu_busy_percent, run_timed, tqdm_seconds, tree_rss_mib  # noqa: E402
+from _harness import (  # noqa: E402
+    bergson_cli,
+    cpu_busy_percent,
+    head_roots,
+    run_timed,
+    tqdm_seconds,
+    tree_rss_mib,
+)
 
 from bergson_ray.testing.ray_head import LocalHead  # noqa: E402
 from bergson_ray.utils.ray_env import LOOPBACK_ENV, loopback_env  # noqa: E402
@@ -66,16 +71,6 @@ def parse_variant(v: str) -> tuple[str, int]:
     if not m:
         raise ValueError(f"--workers: {v!r} is not N, rayN or headN")
     return m.group(1) or "", int(m.group(2))
-
-
-def head_roots(head: LocalHead) -> tuple[int, ...]:
-    """The head's daemons (GCS, raylet and the rest; workers are the raylet's children),
-    without the ``ray start --block`` process that holds them (200 MiB that README's
-    ``ray start --head``, which returns, does not keep)."""
-    try:
-        return tuple(c.pid for c in psutil.Process(head.proc.pid).children())
-    except psutil.NoSuchProcess:
-        return ()
 
 
 def ours(command: str, model: str, data: str, out: Path, variant: str, head: LocalHead | None) -> dict:

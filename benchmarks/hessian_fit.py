@@ -22,13 +22,16 @@ shows the fastest of the N runs of each configuration (the least disturbed).
     python benchmarks/hessian_fit.py [--split 'train[:400]'] [--variants process1,ray1,ray2,ray4] [--reps 1]
 
 ``--variants``: ``processK`` runs in process (``--executor process``) with K shards,
-``rayK`` on Ray with K shard actors.
+``rayK`` on Ray with K shard actors, ``headK`` the same on a running head that the
+benchmark starts once (README's "Keeping Ray up between commands"; one unmeasured
+command warms it, and the head's processes count in peak RSS).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -36,23 +39,30 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import bar_spans, bergson_cli, cpu_busy_percent, run_timed  # noqa: E402
+from _harness import bar_spans, bergson_cli, cpu_busy_percent, head_roots, run_timed  # noqa: E402
 
-from bergson_ray.utils.ray_env import LOOPBACK_ENV  # noqa: E402
+from bergson_ray.testing.ray_head import LocalHead  # noqa: E402
+from bergson_ray.utils.ray_env import LOOPBACK_ENV, loopback_env  # noqa: E402
 
 ENV = {**LOOPBACK_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
        "PYTHONWARNINGS": "ignore"}  # fmt: skip
 TOKEN_BATCH = 512
 """bergson refuses a token budget above the model's max length (512 for the tiny model)."""
-def ours(model: str, data: str, split: str, out: Path, variant: str, ev: bool) -> dict:
+VARIANT = re.compile(r"(process|ray|head)(\d+)")
+
+
+def ours(
+    model: str, data: str, split: str, out: Path, variant: str, ev: bool, head: LocalHead | None
+) -> dict:
     exe = Path(sys.executable).with_name("bergson-ray")
-    shards = variant.removeprefix("process").removeprefix("ray")
-    where = ["--executor", "process"] if variant.startswith("process") else ["--address", "local"]
+    kind, shards = VARIANT.fullmatch(variant).groups()
+    where = {"process": ["--executor", "process"], "ray": ["--address", "local"]}.get(kind)
     cmd = [str(exe), "hessian", str(out), "--method", "kfac", "--ev_correction", str(ev).lower(),
            "--model", model, "--dataset", data, "--split", split, "--num_shards", shards,
-           "--token_batch_size", str(TOKEN_BATCH), *where, "--overwrite"]  # fmt: skip
-    r = run_timed(cmd, ENV)
+           "--token_batch_size", str(TOKEN_BATCH), *(where or ["--address", head.address]),
+           "--overwrite"]  # fmt: skip
+    r = run_timed(cmd, ENV, also=head_roots(head) if kind == "head" else ())
     if r["rc"] == 0:
         s = json.loads((out / "summary.json").read_text())
         r["fit"] = s["factors_pass_s"] + s["eigendecomposition_s"] + s.get("correction_pass_s", 0.0)
@@ -100,6 +110,8 @@ def main() -> int:
     assets = ensure_tiny_assets()
     model, data = str(assets.model_dir), str(assets.corpus_dir)
     variants = args.variants.split(",")
+    if bad := [v for v in variants if not VARIANT.fullmatch(v)]:
+        ap.error(f"--variants: {', '.join(bad)} not processK, rayK or headK")
     have_bergson = bergson_cli() is not None and not args.no_bergson
     tmp = Path(tempfile.mkdtemp(prefix="hessian_bench_"))
     print(
@@ -107,7 +119,12 @@ def main() -> int:
         f"{cpu_busy_percent():.0f}% before start; bergson {'found' if have_bergson else 'absent'}"
     )
     results: list[dict] = []
+    head = None
     try:
+        if any(v.startswith("head") for v in variants):
+            head = LocalHead(num_cpus=os.cpu_count(), env=loopback_env(**ENV))
+            warm = ours(model, data, args.split, tmp / "warm", "head1", False, head)
+            print(f"head at {head.address}: first command {warm['wall']:.1f}s (not counted)")
         for rep in range(args.reps):
             for ev in (False, True):
                 label = "EK-FAC" if ev else "KFAC"
@@ -124,7 +141,7 @@ def main() -> int:
                         flush=True,
                     )
                 for k in variants:
-                    r = ours(model, data, args.split, tmp / f"o_{ev}_{k}", k, ev)
+                    r = ours(model, data, args.split, tmp / f"o_{ev}_{k}", k, ev, head)
                     results.append(
                         {"prog": "bergson_ray", "method": label, "shards": k, "rep": rep, **r}
                     )
@@ -139,6 +156,8 @@ def main() -> int:
                         flush=True,
                     )
     finally:
+        if head is not None:
+            head.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     print("\n(best of", args.reps, "run(s) per configuration)")
