@@ -150,15 +150,15 @@ def main() -> None:
     print(f"{args.command} p=16: {args.docs} docs x {args.tokens} tokens = {total_tokens} tokens; "
           f"{os.cpu_count()} CPUs; machine busy {cpu_busy_percent():.0f}% before start")
     head = None
-    if "head" in kinds:
-        head = LocalHead(num_cpus=os.cpu_count(), env=loopback_env(**ENV))
-        warm = ours(args.command, model, data, root / "ours_warmup", "head1", head)
-        time.sleep(10)  # the job's worker and Ray's idle ones exit after it
-        idle = sum(tree_rss_mib(pid) for pid in head_roots(head))
-        print(f"head at {head.address}: first command {warm['wall']:.1f}s (not counted); "
-              f"idle head {idle:.0f} MiB RSS")
     results: dict[str, list[dict]] = {}
     try:
+        if "head" in kinds:
+            head = LocalHead(num_cpus=os.cpu_count(), env=loopback_env(**ENV))
+            warm = ours(args.command, model, data, root / "ours_warmup", "head1", head)
+            time.sleep(10)  # the job's worker and Ray's idle ones exit after it
+            idle = sum(tree_rss_mib(pid) for pid in head_roots(head))
+            print(f"head at {head.address}: first command {warm['wall']:.1f}s (not counted); "
+                  f"idle head {idle:.0f} MiB RSS")
         for _ in range(args.reps):
             if bergson_cli():
                 results.setdefault("bergson", []).append(
