@@ -97,17 +97,12 @@ def tiny_runner_spec(split: str = TINY_SPLIT, token_batch_size: int = 4096, **gr
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """This process's environment for a child that starts its own loopback Ray, offline:
-    no ``RAY_ADDRESS`` (never join another cluster), plus ``extra``."""
-    env = {
-        **os.environ,
-        **LOOPBACK_ENV,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        **extra,
-    }
+    """This process's environment for a child that starts its own loopback Ray, offline,
+    plus ``extra``: without ``RAY_ADDRESS`` (a test never joins a cluster by accident)
+    unless ``extra`` names one."""
+    env = {**os.environ, **LOOPBACK_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
-    return env
+    return {**env, **extra}
 
 
 def kill_process_tree(
