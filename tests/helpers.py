@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -103,37 +101,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, **LOOPBACK_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     return {**env, **extra}
-
-
-def kill_process_tree(
-    proc: subprocess.Popen,
-    marker: str,
-    signals: tuple[tuple[int, float], ...] = ((signal.SIGKILL, 30),),
-) -> None:
-    """Signal ``proc``'s process group (each signal in turn, waiting up to its seconds),
-    then SIGKILL whatever still runs with ``marker`` in its command line (Ray's own
-    daemons leave the group)."""
-    for sig, wait in signals:
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            break
-        except ProcessLookupError:
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmd = (pid_dir / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 # --- reading results --------------------------------------------------------------------

@@ -18,7 +18,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import kill_process_tree, subprocess_env
+from helpers import subprocess_env
+
+from bergson_ray.testing.ray_head import end_process_group
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = sorted(EXAMPLES.glob("*.py"))
@@ -45,12 +47,12 @@ def test_python_api_example_runs(tmp_path):
     try:
         out, _ = proc.communicate(timeout=560)
     except subprocess.TimeoutExpired:
-        kill_process_tree(proc, ray_tmp)
+        end_process_group(proc, ray_tmp)
         out, _ = proc.communicate()
         pytest.fail(f"examples/python_api.py ran over 560 s; its output ended with:\n{out[-4000:]}")
     finally:
         if proc.poll() is None:
-            kill_process_tree(proc, ray_tmp)
+            end_process_group(proc, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, f"exit code {proc.returncode}; output ended with:\n{out[-4000:]}"
     assert "Top 5 training rows" in out, out[-4000:]

@@ -2,7 +2,8 @@
 
 ``ray start --head --block`` in its own process group, temp dir and free ports, so it
 never meets another Ray on the machine. It is stopped by ending exactly the processes it
-started: ``ray stop`` would end every Ray on the machine, a user's included.
+started: ``ray stop`` would end every Ray on the machine, a user's included
+(:func:`end_process_group`, which tests use for other process trees too).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -122,22 +123,8 @@ class LocalHead:
             started = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             started = []
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        marker = str(self.tmp)
-        for p in started + list(psutil.process_iter()):
-            try:  # psutil checks the creation time: a recycled pid is never signalled
-                if p in started or marker in " ".join(p.cmdline()):
-                    p.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+        end_process_group(self.proc, str(self.tmp), ((signal.SIGTERM, grace), (signal.SIGKILL, 10)),
+                          also=started)  # fmt: skip
         psutil.wait_procs([p for p in started if p.is_running()], timeout=10)
         self._log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -147,3 +134,35 @@ class LocalHead:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def end_process_group(
+    proc: subprocess.Popen,
+    marker: str,
+    signals: tuple[tuple[int, float], ...] = ((signal.SIGKILL, 30),),
+    also: Sequence[psutil.Process] = (),
+) -> None:
+    """End what ``proc`` (started with ``start_new_session=True``) started, and only that.
+
+    Its process group gets each signal in turn, waiting up to its seconds for ``proc``
+    to exit; then SIGKILL goes to every process in ``also`` that still runs and to every
+    process whose command line names ``marker`` (a private temp dir: Ray's daemons and
+    workers leave the group). psutil checks a process's creation time before it
+    signals, so a recycled pid is never hit.
+    """
+    for sig, wait in signals:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            break
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    me = os.getpid()
+    for p in [*also, *psutil.process_iter()]:
+        try:
+            if p.pid != me and (p in also or marker in " ".join(p.cmdline())):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
