@@ -169,6 +169,39 @@ def test_worker_row_sinks_write_exactly_the_writers_bytes(tmp_path, dtype):
         a.write_rows([0], rows[[0]])
 
 
+def test_row_sink_finishes_short_writes_in_any_row_order(tmp_path, monkeypatch):
+    """The kernel may write fewer bytes than asked (a signal, a 2 GiB cap, NFS): a sink
+    whose ``pwritev`` stops mid-row and whose ``pwrite`` writes 5 bytes a call still
+    lays down the writer's exact bytes, for rows in order, reversed and interleaved."""
+    import os
+
+    from bergson_ray.store import row_sink as rs
+
+    rows = _rows(9)
+    ref = GradientStoreWriter(tmp_path / "ref", num_items=9, grad_sizes=SIZES)
+    ref.write_rows(np.arange(9), rows)
+    ref.close()
+    real_pwrite = os.pwrite
+    calls = {"pwritev": 0}
+
+    def short_pwritev(fd, buffers, offset):  # half of the first buffer, then stop
+        calls["pwritev"] += 1
+        return real_pwrite(fd, bytes(buffers[0][: len(buffers[0]) // 2]), offset)
+
+    monkeypatch.setattr(rs.os, "pwritev", short_pwritev)
+    monkeypatch.setattr(rs.os, "pwrite", lambda fd, b, off: real_pwrite(fd, bytes(b[:5]), off))
+    w = GradientStoreWriter(tmp_path / "w", num_items=9, grad_sizes=SIZES)
+    sink = rs.RowSink(tmp_path / "w")
+    for idx in ([0, 1, 2], [8, 7, 6], [5, 3, 4]):  # a run in order, reversed, interleaved
+        sink.write_rows(idx, rows[idx])
+    sink.close()
+    w.mark_written(np.arange(9))
+    w.close()
+    assert calls["pwritev"] == 3  # one per run of adjacent store rows, whatever their order
+    got, want = (p / "gradients.bin" for p in (tmp_path / "w", tmp_path / "ref"))
+    assert got.read_bytes() == want.read_bytes()
+
+
 def test_unfinished_stores_are_never_read_as_complete(tmp_path):
     """A store with unwritten rows, or any ``.part`` directory, is refused by every reader
     (score's query, serve, Attributor all open stores through ``GradientStore.open``)."""
