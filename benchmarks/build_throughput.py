@@ -1,5 +1,8 @@
 """Throughput and peak memory of ``build`` (or ``reduce``) at p=16 on 1000 x 256-token documents.
 
+``--projection_dim 0`` measures whole gradient rows instead (what both CLIs do by
+default): the run is then bound by writing the store.
+
 Runs ``bergson-ray build`` with one worker (by default in its own process, no Ray),
 one worker on a Ray pool (``--executor ray``) and 2 Ray workers and, when the anchor venv exists
 (``bash scripts/bergson_anchor.sh``), ``bergson build`` on the same
@@ -10,7 +13,7 @@ tree, and bergson_ray / bergson ratios. ``--command reduce`` measures ``reduce``
 (``--aggregation mean``) the same way against ``bergson reduce``.
 
     python benchmarks/build_throughput.py [--command build] [--docs 1000] [--tokens 256]
-                                          [--reps 1] [--workers 1,ray1,2]
+                                          [--reps 1] [--workers 1,ray1,2] [--projection_dim 16]
 
 ``--workers``: comma-separated variants; ``N`` is ``--num_workers N`` as a user types it
 (1 runs in process), ``rayN`` forces a Ray pool of N (``--executor ray``) on a private
@@ -59,9 +62,13 @@ def prepare(docs: int, tokens: int, root: Path) -> tuple[str, str]:
     return str(assets.model_dir), str(data)
 
 
+PROJECTION_DIM = 16
+"""``--projection_dim`` both tools get (``main`` sets it; 0: whole gradients, both CLIs' default)."""
+
+
 def command_args(command: str) -> list[str]:
-    """The flags both tools get: p=16, truncation, the token batch; reduce takes a mean."""
-    args = ["--projection_dim", "16", "--truncation", "--token_batch_size", "512"]
+    """The flags both tools get: p, truncation, the token batch; reduce takes a mean."""
+    args = ["--projection_dim", str(PROJECTION_DIM), "--truncation", "--token_batch_size", "512"]
     return args + (["--aggregation", "mean"] if command == "reduce" else [])
 
 
@@ -137,7 +144,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--workers", default="1,ray1,2")
+    ap.add_argument("--projection_dim", type=int, default=16,
+                    help="0: whole gradients (both CLIs' default; rows of 786k floats, disk-bound)")
     args = ap.parse_args()
+    global PROJECTION_DIM
+    PROJECTION_DIM = args.projection_dim
     variants = args.workers.split(",")
     try:
         kinds = {parse_variant(v)[0] for v in variants}
@@ -147,7 +158,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     model, data = prepare(args.docs, args.tokens, root)
     total_tokens = args.docs * args.tokens
-    print(f"{args.command} p=16: {args.docs} docs x {args.tokens} tokens = {total_tokens} tokens; "
+    print(f"{args.command} p={PROJECTION_DIM}: {args.docs} docs x {args.tokens} tokens = {total_tokens} tokens; "
           f"{os.cpu_count()} CPUs; machine busy {cpu_busy_percent():.0f}% before start")
     head = None
     results: dict[str, list[dict]] = {}

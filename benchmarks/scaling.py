@@ -6,15 +6,23 @@ tokens) with 1, 2 and 4 workers on one Ray cluster, each worker pinned to
 width it prints
 
 * end-to-end tokens/s (call to return, including actor start-up and model loading),
-* steady tokens/s (from the first finished batch to the last: the gradient loop with
-  every worker up), from the run's ``summary.json``,
-* scaling efficiency = steady tokens/s / (workers x steady tokens/s of 1 worker).
+* steady tokens/s (from the first finished batch to the last), from the run's
+  ``summary.json``; it also counts a worker still starting beside one already at work
+  and the tail where one has finished,
+* all-busy tokens/s (``all_busy_tokens_per_second``: from the last worker's first batch
+  to the first worker's last, when every worker runs): the gradient loop with every
+  worker up, the like-for-like figure across widths,
+* speed-up over the first width and scaling efficiency = all-busy tokens/s / (workers x
+  all-busy tokens/s of 1 worker).
 
 By default a local Ray is started with ``--cpus`` logical CPUs (the default, 2 per
 worker for the widest run, oversubscribes a small machine on purpose: workers reserve
 0.5 CPU each and Ray Data's own tasks need a free slot). ``--address`` measures an
 existing cluster instead. On a machine with C physical cores expect efficiency near 1
 up to about C single-threaded workers and a plateau after.
+
+With ``--reps N`` each width runs N times, interleaved, and the median run (by all-busy
+tokens/s) is shown.
 
     python benchmarks/scaling.py [--workers 1,2,4] [--docs 512] [--tokens 128] [--reps 1]
 """
@@ -76,6 +84,8 @@ def one_build(data: str, out: Path, workers: int, threads: int, window: int) -> 
         "tokens": s["tokens"],
         "e2e_tps": s["tokens"] / wall,
         "steady_tps": s.get("steady_tokens_per_second") or s["stage_tokens_per_second"],
+        "busy_tps": s.get("all_busy_tokens_per_second") or float("nan"),
+        "seen": s.get("workers_seen", 0),
         "startup": s.get("startup_seconds", float("nan")),
         "nodes": len(s.get("rows_per_node", {})),
     }
@@ -90,7 +100,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--window", type=int, default=16, help="documents per Ray Data batch")
-    ap.add_argument("--reps", type=int, default=1, help="best of N per width")
+    ap.add_argument("--reps", type=int, default=1, help="runs per width (the median is shown)")
     ap.add_argument("--cpus", type=float, default=0, help="logical CPUs of the local Ray")
     ap.add_argument("--address", default=None, help="existing cluster (default: local Ray)")
     args = ap.parse_args()
@@ -115,23 +125,28 @@ def main() -> None:
         f"Ray CPUs {ray.cluster_resources().get('CPU')}; {args.threads} torch thread(s) per "
         f"worker; machine busy {cpu_busy_percent():.0f}% before start"
     )
-    best: dict[int, dict] = {}
+    runs: dict[int, list[dict]] = {w: [] for w in widths}
     for _ in range(args.reps):
         for w in widths:
-            r = one_build(data, root / f"w{w}", w, args.threads, args.window)
-            if w not in best or r["steady_tps"] > best[w]["steady_tps"]:
-                best[w] = r
-    base = best[widths[0]]["steady_tps"] / widths[0]
-    print(f"{'workers':>7} {'wall s':>7} {'start s':>7} {'e2e tok/s':>10} {'steady tok/s':>12} "
-          f"{'speed-up':>8} {'efficiency':>10}")  # fmt: skip
+            runs[w].append(one_build(data, root / f"w{w}", w, args.threads, args.window))
+    med = {w: sorted(rs, key=lambda r: r["busy_tps"])[len(rs) // 2] for w, rs in runs.items()}
+    one = med[widths[0]]
+    print(f"{'workers':>7} {'seen':>4} {'wall s':>7} {'start s':>7} {'e2e tok/s':>10} "
+          f"{'steady tok/s':>12} {'all-busy tok/s':>14} {'speed-up':>17} {'efficiency':>10}")  # fmt: skip
     for w in widths:
-        r = best[w]
-        speed = r["steady_tps"] / best[widths[0]]["steady_tps"]
-        eff = r["steady_tps"] / (w * base)
+        r = med[w]
+        speed = r["busy_tps"] / one["busy_tps"]
+        eff = r["busy_tps"] / (w / widths[0] * one["busy_tps"])
+        steady = r["steady_tps"] / one["steady_tps"]
         print(
-            f"{w:>7} {r['wall']:>7.1f} {r['startup']:>7.1f} {r['e2e_tps']:>10.0f} "
-            f"{r['steady_tps']:>12.0f} {speed:>8.2f} {eff:>10.2f}"
+            f"{w:>7} {r['seen']:>4} {r['wall']:>7.1f} {r['startup']:>7.1f} {r['e2e_tps']:>10.0f} "
+            f"{r['steady_tps']:>12.0f} {r['busy_tps']:>14.0f} {speed:>6.2f} (steady {steady:.2f}) "
+            f"{eff:>10.2f}"
         )
+    if args.reps > 1:
+        for w in widths:
+            each = ", ".join(f"{r['busy_tps'] / one['busy_tps']:.2f}" for r in runs[w])
+            print(f"  {w} worker(s), all-busy speed-up of each run over the median 1st width: {each}")
     ray.shutdown()
 
 

@@ -77,6 +77,8 @@ def test_killed_worker_loses_and_duplicates_nothing(reference, tmp_path):
     assert_same(rows_of(out), rows_of(reference))
     store = GradientStore.open(out)
     assert len(store.data) == 40
+    s = summary_of(out)  # the restarted actor is a new worker in the driver's accounting
+    assert s["workers_seen"] == 2 and sum(s["rows_per_worker_min_max"]) == s["rows_received"]
 
 
 def test_resume_recomputes_only_missing_rows(reference, tmp_path):

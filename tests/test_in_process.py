@@ -51,6 +51,8 @@ def test_process_and_ray_pools_give_the_same_results(tmp_path, ray_session, tiny
     np.testing.assert_allclose(*one, rtol=1e-6)
     assert summary(bp)["startup"]["ray_start_s"] == 0.0
     assert summary(bp)["rows_per_node"] == {"driver": N}
+    assert summary(bp)["workers_seen"] == summary(br)["workers_seen"] == 1
+    assert summary(bp)["rows_per_worker_min_max"] == [N, N]
     for run in (bp, br):  # the first gradients come after the stage began, before a window is back
         st = summary(run)["startup"]
         stage_begun = st["process_to_stage_s"] + st["ray_start_s"]

@@ -23,6 +23,7 @@ re-run writes the same bytes again) and the driver counts each row once.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +139,9 @@ class BatchWorker:
 
         self.node = node_id()
         self.node_key = node_key(self.node)
+        self.worker_key = secrets.randbits(31)
+        """This worker among the pool's (and their replacements): the driver's per-worker
+        accounting (``all_busy_tokens_per_second``, ``rows_per_worker``)."""
         self.batches = 0
         self.init_error: str | None = None
         self.setup_s = 0.0
@@ -165,6 +169,7 @@ class BatchWorker:
         if self.faults is not None:
             self.faults.after_batch(self.batches, self.node)  # test hook: the one seam
         out["node"] = np.full(len(out["idx"]), self.node_key, dtype=np.int64)
+        out["worker"] = np.full(len(out["idx"]), self.worker_key, dtype=np.int32)
         out["setup_s"] = np.zeros(len(out["idx"]), dtype=np.float32)
         out["first_grad_wall"] = np.zeros(len(out["idx"]), dtype=np.float64)
         if self.batches == 1 and len(out["idx"]):

@@ -131,6 +131,8 @@ class StageMonitor:
         """The slowest worker's set-up (model load, dataset open), from ``setup_s``."""
         self.executor = "ray"
         """``ray`` (a Ray actor pool) or ``process`` (one worker in the driver's process)."""
+        self.per_worker: dict[int, list] = {}
+        """worker key -> [rows, (time, tokens so far) at its first batch, ... at its last]."""
 
     # -- feeding ---------------------------------------------------------------------
     def update(self, batch: dict[str, np.ndarray]) -> None:
@@ -164,6 +166,12 @@ class StageMonitor:
             first_grad = min(worker_wall, time.time())
             self.first_grad_wall = min(self.first_grad_wall or first_grad, first_grad)
         now = time.perf_counter()
+        if "worker" in batch and rows:
+            workers, counts = np.unique(np.asarray(batch["worker"]), return_counts=True)
+            for w, c in zip(workers.tolist(), counts.tolist()):
+                seen = self.per_worker.setdefault(w, [0, (now, self.tokens), None])
+                seen[0] += c
+                seen[2] = (now, self.tokens)
         if self._first is None:
             self._first = (now, self.rows, self.tokens)
             self.first_wall = time.time()
@@ -212,6 +220,7 @@ class StageMonitor:
             if self._last > t1:  # after the first batch: workers up, models loaded
                 out["steady_tokens_per_second"] = round((self.tokens - k1) / (self._last - t1), 1)
                 out["steady_rows_per_second"] = round((self.rows - r1) / (self._last - t1), 2)
+        out.update(self.all_busy())
         if self.compute_seconds > 0:
             out["worker_compute_seconds"] = round(self.compute_seconds, 3)
             out["compute_tokens_per_second_per_worker"] = round(self.tokens / self.compute_seconds, 1)
@@ -229,6 +238,26 @@ class StageMonitor:
             out["rows_per_node"] = dict(sorted(named.items()))
         return out
 
+
+    def all_busy(self) -> dict[str, Any]:
+        """Throughput while every worker was running, and how the rows were shared.
+
+        The steady rate above runs from the first batch to the last, so it also counts a
+        worker still starting while another already works, and the tail where one
+        finished early. Here the interval runs from the last worker's first batch to the
+        first worker's last, the tokens delivered in between (all workers busy), so that
+        one and N workers compare like for like (``benchmarks/scaling.py``).
+        """
+        if not self.per_worker:
+            return {}
+        rows = sorted(r for r, _, _ in self.per_worker.values())
+        out: dict[str, Any] = {"workers_seen": len(rows), "rows_per_worker_min_max": [rows[0], rows[-1]]}
+        (t1, k1) = max(first for _, first, _ in self.per_worker.values())
+        (t2, k2) = min(last for _, _, last in self.per_worker.values())
+        if t2 > t1 and k2 > k1:
+            out["all_busy_tokens_per_second"] = round((k2 - k1) / (t2 - t1), 1)
+            out["all_busy_seconds"] = round(t2 - t1, 3)
+        return out
 
     def startup(self) -> dict[str, float]:
         """Where the time before the first batch went (seconds): process start to this
