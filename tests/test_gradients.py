@@ -255,3 +255,32 @@ def test_advantage_scales_each_document_gradient():
     batch.advantage = torch.tensor([0.5, -2.0, 0.0])
     weighted = eng.compute(batch).rows
     assert rel_err(weighted, plain * batch.advantage[:, None]) < 1e-5
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("p", [0, 4])
+def test_rows_written_in_place_equal_concatenated_blocks(p, per_token):
+    """The engine writes each block into its columns of one row tensor (``begin(flat=True)``);
+    block by block and concatenated (the collector's other consumers) gives the same
+    bytes, with split heads, biases and an Adam normalizer in the mix."""
+    model = tiny_neox()
+    qkv = "layers.0.attention.query_key_value"
+    cfg = GradientConfig(
+        projection_dim=p, include_bias=True, attribute_tokens=per_token,
+        split_attention_modules=[qkv], attention=AttentionConfig(num_heads=4, head_size=24),
+    )  # fmt: skip
+    modules = find_target_modules(model, cfg)
+    o, i = weight_as_out_in(modules[qkv]).shape
+    g = torch.Generator().manual_seed(5)
+    norms = {qkv: AdamNormalizer(torch.rand(o, i, generator=g) + 0.1, torch.rand(o, generator=g) + 0.1)}
+    eng = GradientEngine(model, cfg, normalizers=norms)
+    batch = pad_batch(random_docs(DOC_LENGTHS))
+    res = eng.compute(batch)
+    flat = res.token_rows if per_token else res.rows
+    col = eng.collector
+    begin = col.begin
+    col.begin = lambda mask, flat=False: begin(mask, flat=False)  # the same engine, blocks apart
+    blocks = eng.compute(batch)
+    apart = blocks.token_rows if per_token else blocks.rows
+    assert flat.shape == apart.shape and flat.shape[1] == sum(eng.grad_sizes.values())
+    assert torch.equal(flat, apart)

@@ -100,6 +100,14 @@ class PerExampleCollector:
         self.mask: torch.Tensor | None = None
         self._stash: dict[str, list[torch.Tensor]] = {}
         self.out: dict[str, torch.Tensor] = {}
+        self._columns: dict[str, tuple[int, int]] = {}
+        lo = 0
+        for key, size in self.grad_sizes.items():  # each block's columns of a whole row
+            self._columns[key] = (lo, lo + size)
+            lo += size
+        self._flat_wanted = False
+        self._flat: torch.Tensor | None = None
+        """``[rows, sum(grad_sizes)]``, filled block by block (``begin(flat=True)``)."""
         self._dense_of: torch.Tensor | None = None  # the mask _dense describes
         self._dense = False
 
@@ -114,11 +122,19 @@ class PerExampleCollector:
                 sizes[b.name] = self.p * self.p if self.p > 0 else b.full_size
         return sizes
 
-    def begin(self, mask: torch.Tensor) -> None:
-        """Start a batch; ``mask [N, S]`` marks collected positions."""
+    def begin(self, mask: torch.Tensor, flat: bool = False) -> None:
+        """Start a batch; ``mask [N, S]`` marks collected positions.
+
+        ``flat``: write each block straight into its columns of one ``[rows, D]``
+        tensor (:meth:`finish_flat`) instead of keeping blocks to concatenate: the
+        batch's rows then exist once, not twice (whole gradients of a small model are
+        megabytes per row), and no concatenation runs.
+        """
         self.mask = mask
         self._stash.clear()
         self.out = {}
+        self._flat_wanted = flat and not self.global_proj
+        self._flat = None
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Rows per block (``[N, d]``, or ``[T, d]`` per token) in ``grad_sizes`` order."""
@@ -130,6 +146,28 @@ class PerExampleCollector:
         if missing:
             raise RuntimeError(f"no gradient reached {missing[:3]} (is the module used?)")
         return {k: self.out.pop(k) for k in self.grad_sizes}
+
+    def finish_flat(self) -> torch.Tensor:
+        """The batch's whole rows, ``[N, D]`` (or ``[T, D]``), blocks in ``grad_sizes`` order."""
+        if not self._flat_wanted:
+            blocks = list(self.finish().values())
+            return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        self.finish()  # checks every block arrived (``out`` holds their names only)
+        flat, self._flat = self._flat, None
+        assert flat is not None, "begin(flat=True) and a backward pass come first"
+        return flat
+
+    def _store(self, key: str, rows: torch.Tensor) -> None:
+        """Keep one block's rows: in its columns of the flat tensor, or as a block."""
+        if not self._flat_wanted:
+            self.out[key] = rows
+            return
+        if self._flat is None:
+            total = next(reversed(self._columns.values()))[1]
+            self._flat = torch.empty(rows.shape[0], total, dtype=rows.dtype, device=rows.device)
+        lo, hi = self._columns[key]
+        self._flat[:, lo:hi].copy_(rows)
+        self.out[key] = self._flat  # a marker for finish()'s check: no copy
 
     # -- taps -------------------------------------------------------------------
     def _uses_adam(self, name: str) -> bool:
@@ -185,7 +223,7 @@ class PerExampleCollector:
             if self.global_proj:
                 self.out["gradients"] = self.out.get("gradients", 0) + rows
             else:
-                self.out[blk.name] = rows
+                self._store(blk.name, rows)
 
     # -- math -------------------------------------------------------------------
     def _all_positions(self, mask: torch.Tensor) -> bool:

@@ -75,7 +75,7 @@ class GradientEngine:
         lengths = torch.as_tensor(batch.lengths, device=self.device)
         advantage = getattr(batch, "advantage", None)
         mask = collection_mask(lengths, input_ids.shape[1])
-        self.collector.begin(mask)
+        self.collector.begin(mask, flat=True)
         with torch.enable_grad(), InputGradSwitch(self.model), ModuleTaps(
             self.modules, self.collector
         ):
@@ -91,9 +91,7 @@ class GradientEngine:
             if advantage is not None:
                 weighted = loss * torch.as_tensor(advantage, device=loss.device, dtype=loss.dtype)
             weighted.sum().backward()
-        blocks = self.collector.finish()
-        flat = torch.cat([blocks[k] for k in self.grad_sizes], dim=1)
-        flat = finite_cast(flat, self.store_dtype).cpu()
+        flat = finite_cast(self.collector.finish_flat(), self.store_dtype).cpu()
         n_pos = int(mask.sum())
         loss = loss.detach().float().cpu()
         if self.cfg.attribute_tokens:
