@@ -52,6 +52,41 @@ def test_store_equals_in_process_engine(reference):
     assert_same(got, want)
 
 
+def test_rows_streamed_batch_by_batch_equal_the_window_buffer(tmp_path, tiny_assets):
+    """``build``'s workers hand each packed batch's rows to the store as they are made
+    (``gradients(idx, sink=...)``): every row reaches the sink once, equal to the
+    window-buffer path's, and documents too short for a gradient as explicit zeros (a
+    re-used store may hold old bytes there)."""
+    import dataclasses
+
+    import datasets
+
+    data = tmp_path / "docs.jsonl"
+    texts = ["a perfectly normal sentence about loops", "", "x", "two words", "y" * 40]
+    datasets.Dataset.from_list([{"text": t} for t in texts]).to_json(str(data))
+    spec = tiny_runner_spec(token_batch_size=24)
+    spec = dataclasses.replace(
+        spec, skip_short_docs=True, data=dataclasses.replace(spec.data, dataset=str(data), split="train")
+    )
+    runner = GradientRunner(spec)
+    idx = np.array([4, 1, 0, 2, 3])
+    want = runner.gradients(idx)
+    got = np.full_like(want["grads"], np.nan)
+    writes = np.zeros(len(idx), dtype=int)
+    calls = []
+
+    def sink(pos, rows):
+        got[pos] = rows
+        writes[pos] += 1
+        calls.append(len(pos))
+
+    out = runner.gradients(idx, sink=sink)
+    assert "grads" not in out and (writes == 1).all() and len(calls) >= 3, calls
+    np.testing.assert_array_equal(got, want["grads"])
+    assert not got[[1, 3]].any() and got[[0, 2, 4]].any(axis=1).all()
+    np.testing.assert_array_equal(out["loss"], want["loss"])
+
+
 def test_two_workers_and_small_token_budget_give_the_same_store(reference, tmp_path):
     other = build(
         run_path=tmp_path / "idx",

@@ -68,7 +68,17 @@ class StoredRows(Rows):
 
         self.sink = RowSink(self.store)
 
+    def compute(self, runner, idx: np.ndarray) -> dict[str, np.ndarray]:
+        if self.sink.info.attribute_tokens or not getattr(runner, "streams_rows", False):
+            return runner.gradients(idx)
+        # each packed batch's rows go to the store as they are made: no window buffer
+        idx = np.asarray(idx, dtype=np.int64)
+        return runner.gradients(idx, sink=lambda pos, rows: self.sink.write_rows(idx[pos], rows))
+
     def deliver(self, out: dict[str, np.ndarray]) -> None:
+        if "grads" not in out:  # written batch by batch in compute
+            self.sink.sync()
+            return
         grads = out.pop("grads")
         if "token_count" in out:  # per-token: one [count, D] array per document
             parts = [np.asarray(g).reshape(-1, self.sink.info.total_dim) for g in grads]

@@ -174,37 +174,58 @@ class GradientRunner:
             yield positions, result
 
     # -- the worker's job ----------------------------------------------------------
-    def gradients(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-document gradient rows (or per-token rows) for dataset rows ``idx``."""
+    streams_rows = True
+    """:meth:`gradients` takes ``sink`` (the FSDP group's runner does not)."""
+
+    def gradients(self, idx: np.ndarray, sink=None) -> dict[str, np.ndarray]:
+        """Per-document gradient rows (or per-token rows) for dataset rows ``idx``.
+
+        ``sink(positions, rows)`` (per-document rows only) takes each packed batch's rows
+        as soon as they exist, ``rows[j]`` for ``idx[positions[j]]``, and zero rows for
+        documents too short to have a gradient; ``grads`` is then left out. No
+        window-sized buffer is built: with whole gradients of a small model a window of
+        64 rows is 200 MB.
+        """
         idx = np.asarray(idx, dtype=np.int64)
         docs = self.tokenize(idx)
         n = len(idx)
         lengths = np.array([len(d.input_ids) for d in docs], dtype=np.int64)
         loss = np.zeros(n, dtype=np.float32)
         dtype = self.engine.store_dtype
-        if self.spec.grad.attribute_tokens:
+        per_token = self.spec.grad.attribute_tokens
+        if sink is not None and per_token:
+            raise ValueError("gradients(sink=...) takes per-document rows only")
+        if per_token:
             token_rows: list = [np.zeros((0, self.engine.dim), np.float32)] * n
-        else:
+        elif sink is None:
             rows = torch.zeros(n, self.engine.dim, dtype=dtype)
+        done = np.zeros(n, dtype=bool)
         for positions, res in self.run_docs(docs):
             loss[positions] = res.loss.numpy()
-            if self.spec.grad.attribute_tokens:
+            if per_token:
                 self._scatter_tokens(token_rows, positions, res)
-            else:
-                r = res.rows
-                if self.postprocess is not None:
-                    r = self.postprocess(r.float()).to(dtype)
+                continue
+            r = res.rows
+            if self.postprocess is not None:
+                r = self.postprocess(r.float()).to(dtype)
+            if sink is None:
                 rows[positions] = r
+            else:
+                sink(np.asarray(positions), numpy_rows(r))
+                done[positions] = True
         out = {"idx": idx, "loss": loss, "length": lengths}
-        if self.spec.grad.attribute_tokens:
+        if per_token:
             out["token_count"] = np.maximum(lengths - 1, 0)
             # one [count_i, D] array per document: a ragged tensor column in Ray Data
             ragged = np.empty(n, dtype=object)
             for i, r in enumerate(token_rows):
                 ragged[i] = r
             out["grads"] = ragged
-        else:
+        elif sink is None:
             out["grads"] = numpy_rows(rows)
+        elif not done.all():  # documents of < 2 tokens: zero rows, as bergson stores them
+            short = np.flatnonzero(~done)
+            sink(short, numpy_rows(torch.zeros(len(short), self.engine.dim, dtype=dtype)))
         return out
 
     def partial_sum(self, idx: np.ndarray) -> dict[str, np.ndarray]:
