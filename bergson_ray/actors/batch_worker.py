@@ -151,7 +151,7 @@ class BatchWorker:
         self.node_key = node_key(self.node)
         self.worker_key = secrets.randbits(31)
         """This worker among the pool's (and their replacements): the driver's per-worker
-        accounting (``all_busy_tokens_per_second``, ``rows_per_worker``)."""
+        accounting (``all_busy_tokens_per_second``, ``rows_per_worker_min_max``)."""
         self.batches = 0
         self.init_error: str | None = None
         self.setup_s = 0.0

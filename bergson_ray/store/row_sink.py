@@ -5,7 +5,7 @@ The driver creates the store (``info.json``, a pre-sized ``gradients.bin``, per-
 write them here themselves, so gradient bytes never travel through the driver (one
 process on one node would otherwise cap a whole cluster's output).
 
-Writes are ``pwrite`` calls of exactly the rows' bytes, never memory-mapped pages: two
+Writes are ``pwritev``/``pwrite`` calls of exactly the rows' bytes, never memory-mapped pages: two
 workers on two NFS clients may own rows that share a page, and a page written back
 whole from one client would overwrite the other's rows. :meth:`RowSink.sync` makes the
 rows durable; the driver marks them written only after the batch that carried them
