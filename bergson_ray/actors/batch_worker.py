@@ -69,11 +69,18 @@ class StoredRows(Rows):
         self.sink = RowSink(self.store)
 
     def compute(self, runner, idx: np.ndarray) -> dict[str, np.ndarray]:
-        if self.sink.info.attribute_tokens or not getattr(runner, "streams_rows", False):
+        if not getattr(runner, "streams_rows", False):
             return runner.gradients(idx)
         # each packed batch's rows go to the store as they are made: no window buffer
         idx = np.asarray(idx, dtype=np.int64)
-        return runner.gradients(idx, sink=lambda pos, rows: self.sink.write_rows(idx[pos], rows))
+
+        def write(pos: np.ndarray, rows: np.ndarray, counts: np.ndarray | None) -> None:
+            if counts is None:
+                self.sink.write_rows(idx[pos], rows)
+            else:
+                self.sink.write_items(idx[pos], rows, counts)
+
+        return runner.gradients(idx, sink=write)
 
     def deliver(self, out: dict[str, np.ndarray]) -> None:
         if "grads" not in out:  # written batch by batch in compute

@@ -180,11 +180,12 @@ class GradientRunner:
     def gradients(self, idx: np.ndarray, sink=None) -> dict[str, np.ndarray]:
         """Per-document gradient rows (or per-token rows) for dataset rows ``idx``.
 
-        ``sink(positions, rows)`` (per-document rows only) takes each packed batch's rows
-        as soon as they exist, ``rows[j]`` for ``idx[positions[j]]``, and zero rows for
-        documents too short to have a gradient; ``grads`` is then left out. No
-        window-sized buffer is built: with whole gradients of a small model a window of
-        64 rows is 200 MB.
+        ``sink(positions, rows, counts)`` takes each packed batch's rows as soon as they
+        exist; ``grads`` is then left out and no window-sized buffer is built (whole
+        gradients of a small model: 64 rows are 200 MB). Per document, ``rows[j]`` is
+        ``idx[positions[j]]``'s row, ``counts`` is None, and documents too short to have
+        a gradient get zero rows. Per token, ``rows`` are the batch's token rows, document
+        after document, ``counts[j]`` of them for ``idx[positions[j]]``.
         """
         idx = np.asarray(idx, dtype=np.int64)
         docs = self.tokenize(idx)
@@ -193,9 +194,7 @@ class GradientRunner:
         loss = np.zeros(n, dtype=np.float32)
         dtype = self.engine.store_dtype
         per_token = self.spec.grad.attribute_tokens
-        if sink is not None and per_token:
-            raise ValueError("gradients(sink=...) takes per-document rows only")
-        if per_token:
+        if sink is None and per_token:
             token_rows: list = [np.zeros((0, self.engine.dim), np.float32)] * n
         elif sink is None:
             rows = torch.zeros(n, self.engine.dim, dtype=dtype)
@@ -203,7 +202,12 @@ class GradientRunner:
         for positions, res in self.run_docs(docs):
             loss[positions] = res.loss.numpy()
             if per_token:
-                self._scatter_tokens(token_rows, positions, res)
+                parts = self._token_parts(res)
+                if sink is None:
+                    for j, part in zip(positions, parts):
+                        token_rows[j] = part
+                else:
+                    sink(np.asarray(positions), np.concatenate(parts), res.token_counts.numpy())
                 continue
             r = res.rows
             if self.postprocess is not None:
@@ -211,21 +215,21 @@ class GradientRunner:
             if sink is None:
                 rows[positions] = r
             else:
-                sink(np.asarray(positions), numpy_rows(r))
+                sink(np.asarray(positions), numpy_rows(r), None)
                 done[positions] = True
         out = {"idx": idx, "loss": loss, "length": lengths}
         if per_token:
             out["token_count"] = np.maximum(lengths - 1, 0)
-            # one [count_i, D] array per document: a ragged tensor column in Ray Data
-            ragged = np.empty(n, dtype=object)
-            for i, r in enumerate(token_rows):
-                ragged[i] = r
-            out["grads"] = ragged
+            if sink is None:  # one [count_i, D] array per document: a ragged column in Ray Data
+                ragged = np.empty(n, dtype=object)
+                for i, r in enumerate(token_rows):
+                    ragged[i] = r
+                out["grads"] = ragged
         elif sink is None:
             out["grads"] = numpy_rows(rows)
         elif not done.all():  # documents of < 2 tokens: zero rows, as bergson stores them
             short = np.flatnonzero(~done)
-            sink(short, numpy_rows(torch.zeros(len(short), self.engine.dim, dtype=dtype)))
+            sink(short, numpy_rows(torch.zeros(len(short), self.engine.dim, dtype=dtype)), None)
         return out
 
     def partial_sum(self, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -325,13 +329,15 @@ class GradientRunner:
                 out_scores[positions] = s.numpy()
         return score_columns(idx, loss, lengths, out_scores, per_token)
 
-    def _scatter_tokens(self, token_rows: list, positions: list[int], res: BatchResult) -> None:
-        counts = res.token_counts.tolist()
-        start = 0
-        for j, c in zip(positions, counts):
+    def _token_parts(self, res: BatchResult) -> list[np.ndarray]:
+        """A packed batch's token rows, one ``[count, D]`` array per document, preprocessed
+        document by document (the same rounding whatever else shares the batch)."""
+        parts, start = [], 0
+        for c in res.token_counts.tolist():
             r = res.token_rows[start : start + c]
             if self.postprocess is not None:
                 r = self.postprocess(r.float()).to(res.token_rows.dtype)
-            token_rows[j] = numpy_rows(r)
+            parts.append(numpy_rows(r))
             start += c
+        return parts
 
