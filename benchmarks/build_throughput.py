@@ -62,13 +62,10 @@ def prepare(docs: int, tokens: int, root: Path) -> tuple[str, str]:
     return str(assets.model_dir), str(data)
 
 
-PROJECTION_DIM = 16
-"""``--projection_dim`` both tools get (``main`` sets it; 0: whole gradients, both CLIs' default)."""
-
-
-def command_args(command: str) -> list[str]:
-    """The flags both tools get: p, truncation, the token batch; reduce takes a mean."""
-    args = ["--projection_dim", str(PROJECTION_DIM), "--truncation", "--token_batch_size", "512"]
+def command_args(command: str, projection_dim: int) -> list[str]:
+    """The flags both tools get: p (0: whole gradients, both CLIs' default), truncation,
+    the token batch; reduce takes a mean."""
+    args = ["--projection_dim", str(projection_dim), "--truncation", "--token_batch_size", "512"]
     return args + (["--aggregation", "mean"] if command == "reduce" else [])
 
 
@@ -80,10 +77,11 @@ def parse_variant(v: str) -> tuple[str, int]:
     return m.group(1) or "", int(m.group(2))
 
 
-def ours(command: str, model: str, data: str, out: Path, variant: str, head: LocalHead | None) -> dict:
+def ours(command: str, flags: list[str], model: str, data: str, out: Path, variant: str,
+         head: LocalHead | None) -> dict:
     exe = Path(sys.executable).with_name("bergson-ray")
     kind, workers = parse_variant(variant)
-    cmd = [str(exe), command, str(out), "--model", model, "--dataset", data, *command_args(command),
+    cmd = [str(exe), command, str(out), "--model", model, "--dataset", data, *flags,
            "--num_workers", str(workers), "--overwrite"]  # fmt: skip
     env = dict(ENV)
     if kind:
@@ -113,9 +111,9 @@ def variant_name(v: str) -> str:
     return "1 worker, in process" if n == 1 else f"{n} workers (Ray)"
 
 
-def theirs(command: str, model: str, data: str, out: Path) -> dict:
+def theirs(command: str, flags: list[str], model: str, data: str, out: Path) -> dict:
     cmd = [str(bergson_cli()), command, str(out), "--model", model, "--dataset", data,
-           *command_args(command), "--overwrite", "true"]  # fmt: skip
+           *flags, "--overwrite", "true"]  # fmt: skip
     r = run_timed(cmd, ENV)
     r["loop"] = tqdm_seconds(r, "Computing")
     return r
@@ -147,8 +145,7 @@ def main() -> None:
     ap.add_argument("--projection_dim", type=int, default=16,
                     help="0: whole gradients (both CLIs' default; rows of 786k floats, disk-bound)")
     args = ap.parse_args()
-    global PROJECTION_DIM
-    PROJECTION_DIM = args.projection_dim
+    flags = command_args(args.command, args.projection_dim)
     variants = args.workers.split(",")
     try:
         kinds = {parse_variant(v)[0] for v in variants}
@@ -158,14 +155,14 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     model, data = prepare(args.docs, args.tokens, root)
     total_tokens = args.docs * args.tokens
-    print(f"{args.command} p={PROJECTION_DIM}: {args.docs} docs x {args.tokens} tokens = {total_tokens} tokens; "
+    print(f"{args.command} p={args.projection_dim}: {args.docs} docs x {args.tokens} tokens = {total_tokens} tokens; "
           f"{os.cpu_count()} CPUs; machine busy {cpu_busy_percent():.0f}% before start")
     head = None
     results: dict[str, list[dict]] = {}
     try:
         if "head" in kinds:
             head = LocalHead(num_cpus=os.cpu_count(), env=loopback_env(**ENV))
-            warm = ours(args.command, model, data, root / "ours_warmup", "head1", head)
+            warm = ours(args.command, flags, model, data, root / "ours_warmup", "head1", head)
             time.sleep(10)  # the job's worker and Ray's idle ones exit after it
             idle = sum(tree_rss_mib(pid) for pid in head_roots(head))
             print(f"head at {head.address}: first command {warm['wall']:.1f}s (not counted); "
@@ -173,11 +170,11 @@ def main() -> None:
         for _ in range(args.reps):
             if bergson_cli():
                 results.setdefault("bergson", []).append(
-                    theirs(args.command, model, data, root / "bergson_out"))
+                    theirs(args.command, flags, model, data, root / "bergson_out"))
             for v in variants:
                 name = f"bergson_ray {variant_name(v)}"
                 results.setdefault(name, []).append(
-                    ours(args.command, model, data, root / f"ours_{v}", v, head))
+                    ours(args.command, flags, model, data, root / f"ours_{v}", v, head))
     finally:
         if head is not None:
             head.stop()

@@ -101,10 +101,11 @@ class PerExampleCollector:
         self._stash: dict[str, list[torch.Tensor]] = {}
         self.out: dict[str, torch.Tensor] = {}
         self._columns: dict[str, tuple[int, int]] = {}
-        lo = 0
+        self.dim = 0
+        """Width of a whole row: ``sum(grad_sizes)``."""
         for key, size in self.grad_sizes.items():  # each block's columns of a whole row
-            self._columns[key] = (lo, lo + size)
-            lo += size
+            self._columns[key] = (self.dim, self.dim + size)
+            self.dim += size
         self._flat_wanted = False
         self._flat: torch.Tensor | None = None
         """``[rows, sum(grad_sizes)]``, filled block by block (``begin(flat=True)``)."""
@@ -163,8 +164,7 @@ class PerExampleCollector:
             self.out[key] = rows
             return
         if self._flat is None:
-            total = next(reversed(self._columns.values()))[1]
-            self._flat = torch.empty(rows.shape[0], total, dtype=rows.dtype, device=rows.device)
+            self._flat = torch.empty(rows.shape[0], self.dim, dtype=rows.dtype, device=rows.device)
         lo, hi = self._columns[key]
         self._flat[:, lo:hi].copy_(rows)
         self.out[key] = self._flat  # a marker for finish()'s check: no copy

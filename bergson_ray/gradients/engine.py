@@ -64,7 +64,7 @@ class GradientEngine:
         self.modules = find_target_modules(model, cfg)
         self.collector = PerExampleCollector(self.modules, cfg, normalizers)
         self.grad_sizes = self.collector.grad_sizes
-        self.dim = sum(self.grad_sizes.values())
+        self.dim = self.collector.dim
         self.store_dtype = store_dtype or next(model.parameters()).dtype
         self.device = next(model.parameters()).device
 
