@@ -14,6 +14,10 @@ tree, and bergson_ray / bergson ratios. ``--command reduce`` measures ``reduce``
 
     python benchmarks/build_throughput.py [--command build] [--docs 1000] [--tokens 256]
                                           [--reps 1] [--workers 1,ray1,2] [--projection_dim 16]
+                                          [--model tiny] [--token_batch_size 512]
+
+``--model pythia-14m`` measures a model of Pythia-14M's shape (the tiny default's width, a
+50,304-token vocabulary), where the LM head and its logits dominate a step.
 
 ``--workers``: comma-separated variants; ``N`` is ``--num_workers N`` as a user types it
 (1 runs in process), ``rayN`` forces a Ray pool of N (``--executor ray``) on a private
@@ -44,6 +48,7 @@ from _harness import (  # noqa: E402
     tqdm_seconds,
     tree_rss_mib,
 )
+from _models import model_path  # noqa: E402
 
 from bergson_ray.testing.ray_head import LocalHead  # noqa: E402
 from bergson_ray.utils.ray_env import LOOPBACK_ENV, loopback_env  # noqa: E402
@@ -52,20 +57,21 @@ ENV = {**LOOPBACK_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}  # fmt: skip
 
 
-def prepare(docs: int, tokens: int, root: Path) -> tuple[str, str]:
-    from bergson_ray.defaults.tiny import ensure_tiny_assets, make_long_corpus
+def prepare(docs: int, tokens: int, root: Path, model: str = "tiny") -> tuple[str, str]:
+    """(model dir, corpus dir): ``model`` as ``_models.model_path`` reads it."""
+    from bergson_ray.defaults.tiny import make_long_corpus
 
-    assets = ensure_tiny_assets()
     data = root / f"long_{docs}x{tokens}"
     if not data.exists():
         make_long_corpus(docs, tokens).save_to_disk(str(data))
-    return str(assets.model_dir), str(data)
+    return model_path(model, root), str(data)
 
 
-def command_args(command: str, projection_dim: int) -> list[str]:
+def command_args(command: str, projection_dim: int, token_batch_size: int = 512) -> list[str]:
     """The flags both tools get: p (0: whole gradients, both CLIs' default), truncation,
     the token batch; reduce takes a mean."""
-    args = ["--projection_dim", str(projection_dim), "--truncation", "--token_batch_size", "512"]
+    args = ["--projection_dim", str(projection_dim), "--truncation",
+            "--token_batch_size", str(token_batch_size)]  # fmt: skip
     return args + (["--aggregation", "mean"] if command == "reduce" else [])
 
 
@@ -128,10 +134,10 @@ def line(name: str, r: dict, tokens: int) -> str:
             f"loop {loop} tok/s  peak RSS {r['peak_mib']:7.0f} MiB")
     st = r.get("startup")
     if st:  # summary.json's breakdown: process start -> first gradients
-        text += (f"\n{'':<44} start-up {st['first_gradient_s']:.1f}s = to stage "
-                 f"{st['process_to_stage_s']:.1f}s + Ray {st['ray_start_s']:.1f}s + workers to "
-                 f"first batch {st['workers_to_first_batch_s']:.1f}s (of which worker set-up "
-                 f"{st['worker_setup_s']:.1f}s); driver received {r['driver_bytes']} B/row")
+        text += (f"\n{'':<44} first gradients {st['first_gradient_s']:.1f}s after start: to stage "
+                 f"{st['process_to_stage_s']:.1f}s, Ray {st['ray_start_s']:.1f}s, worker set-up "
+                 f"{st['worker_setup_s']:.1f}s; first window back {st['workers_to_first_batch_s']:.1f}s "
+                 f"after Ray; driver received {r['driver_bytes']} B/row")
     return text
 
 
@@ -144,8 +150,11 @@ def main() -> None:
     ap.add_argument("--workers", default="1,ray1,2")
     ap.add_argument("--projection_dim", type=int, default=16,
                     help="0: whole gradients (both CLIs' default; rows of 786k floats, disk-bound)")
+    ap.add_argument("--model", default="tiny",
+                    help="tiny, pythia-14m / pythia-160m (random weights, written locally) or a model dir")
+    ap.add_argument("--token_batch_size", type=int, default=512)
     args = ap.parse_args()
-    flags = command_args(args.command, args.projection_dim)
+    flags = command_args(args.command, args.projection_dim, args.token_batch_size)
     variants = args.workers.split(",")
     try:
         kinds = {parse_variant(v)[0] for v in variants}
@@ -153,9 +162,9 @@ def main() -> None:
         ap.error(str(err))
     root = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir())) / "bergson_ray_bench"
     root.mkdir(parents=True, exist_ok=True)
-    model, data = prepare(args.docs, args.tokens, root)
+    model, data = prepare(args.docs, args.tokens, root, args.model)
     total_tokens = args.docs * args.tokens
-    print(f"{args.command} p={args.projection_dim}: {args.docs} docs x {args.tokens} tokens = {total_tokens} tokens; "
+    print(f"{args.command} p={args.projection_dim}, {args.model} model, token batch {args.token_batch_size}: {args.docs} docs x {args.tokens} tokens = {total_tokens} tokens; "
           f"{os.cpu_count()} CPUs; machine busy {cpu_busy_percent():.0f}% before start")
     head = None
     results: dict[str, list[dict]] = {}

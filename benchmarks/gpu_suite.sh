@@ -29,19 +29,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 # --- the workload: Pythia-160M shape, random weights, 2000 x 512-token documents
 MODEL=/tmp/pythia160m-random
-$PY - "$MODEL" <<'PY'
-import sys
-import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-from bergson_ray.defaults.tiny import ensure_tiny_assets, load_tiny_tokenizer
-cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                    intermediate_size=3072, max_position_embeddings=2048, rotary_pct=0.25,
-                    use_parallel_residual=True, tie_word_embeddings=False)
-torch.manual_seed(0)
-GPTNeoXForCausalLM(cfg).save_pretrained(sys.argv[1])
-load_tiny_tokenizer(ensure_tiny_assets()).save_pretrained(sys.argv[1])
-print("model", sys.argv[1], sum(p.numel() for p in GPTNeoXForCausalLM(cfg).parameters()) // 10**6, "M params")
-PY
+$PY benchmarks/_models.py pythia-160m "$MODEL"
 DATA=$($PY -c "from bergson_ray.defaults.tiny import make_long_corpus as m; import glob; m(2000, 512); print(glob.glob('$BERGSON_RAY_CACHE/*-long-2000x512/data')[0])")
 echo "data $DATA"
 

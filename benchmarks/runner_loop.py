@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=64, help="rows per worker call (--window_size)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--projection_dim", type=int, default=16)
-    ap.add_argument("--model", default="", help="model dir (default: the tiny default)")
+    ap.add_argument("--model", default="tiny",
+                    help="tiny, pythia-14m / pythia-160m (random weights, written locally) or a model dir")
     ap.add_argument("--data", default="", help="save_to_disk dir (default: the long corpus)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--precision", default="fp32", help="fp32, bf16, ...")
@@ -47,9 +48,9 @@ def main() -> None:
 
     root = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir())) / "bergson_ray_bench"
     root.mkdir(parents=True, exist_ok=True)
-    model, data = prepare(args.docs, args.tokens, root)
+    model, data = prepare(args.docs, args.tokens, root, args.model)
     spec = RunnerSpec(
-        model=ModelConfig(model=args.model or model, precision=args.precision),
+        model=ModelConfig(model=model, precision=args.precision),
         grad=GradientConfig(projection_dim=args.projection_dim),
         data=DataConfig(dataset=args.data or data, truncation=True),
         batch=BatchConfig(token_batch_size=args.token_batch_size),

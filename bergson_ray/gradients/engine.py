@@ -14,8 +14,9 @@ from torch import nn
 from ..config import GradientConfig
 from ..errors import BadInputError
 from .collector import PerExampleCollector
+from .head_loss import chunked_token_losses, head_split, last_hidden
 from .hooks import InputGradSwitch, ModuleTaps
-from .losses import collection_mask, per_document_loss
+from .losses import collection_mask, document_losses, next_token_targets, per_document_loss
 from .modules import find_target_modules
 from .normalizers import Normalizer
 
@@ -79,14 +80,7 @@ class GradientEngine:
         with torch.enable_grad(), InputGradSwitch(self.model), ModuleTaps(
             self.modules, self.collector
         ):
-            logits = self.model(input_ids).logits
-            loss = per_document_loss(
-                logits,
-                labels,
-                reduction=self.cfg.loss_reduction,
-                label_smoothing=self.cfg.label_smoothing,
-                loss_fn=self.cfg.loss_fn,
-            )
+            loss = self._loss(input_ids, labels)
             weighted = loss
             if advantage is not None:
                 weighted = loss * torch.as_tensor(advantage, device=loss.device, dtype=loss.dtype)
@@ -98,3 +92,26 @@ class GradientEngine:
             counts = mask.sum(dim=1).cpu()
             return BatchResult(None, loss, flat, counts, n_pos)
         return BatchResult(flat, loss, num_positions=n_pos)
+
+    def _loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-document losses ``[N]``; without materializing the logits where the model
+        allows it (``head_loss.py``)."""
+        cfg = self.cfg
+        split = head_split(self.model)  # per call: a hook added later changes the answer
+        if split is None:
+            return per_document_loss(
+                self.model(input_ids).logits,
+                labels,
+                reduction=cfg.loss_reduction,
+                label_smoothing=cfg.label_smoothing,
+                loss_fn=cfg.loss_fn,
+            )
+        body, head = split
+        tok = chunked_token_losses(
+            last_hidden(body, input_ids),
+            head,
+            next_token_targets(labels),
+            loss_fn=cfg.loss_fn,
+            label_smoothing=cfg.label_smoothing if cfg.loss_fn == "ce" else 0.0,
+        )
+        return document_losses(tok[:, :-1], labels, cfg.loss_reduction)

@@ -34,6 +34,12 @@ def per_document_loss(
         tok = token_cross_entropy(logits, labels, label_smoothing)
     else:
         raise ValueError(f"loss_fn must be 'ce' or 'log_odds', got {loss_fn!r}")
+    return document_losses(tok, labels, reduction)
+
+
+def document_losses(tok: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``[N]``: the next-token losses ``tok [N, S - 1]`` summed per document, or with
+    ``reduction='mean'`` divided by the document's count of loss tokens."""
     shift_labels = labels[:, 1:]
     per_doc = tok.sum(dim=1)
     if reduction == "mean":

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ..gradients.losses import token_cross_entropy
+from ..gradients.head_loss import chunked_token_losses
+from ..gradients.losses import next_token_targets, token_cross_entropy
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
 _M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
@@ -89,13 +90,20 @@ def sample_labels(
     with torch.no_grad():
         for start in range(0, rows.numel(), chunk):
             r, c = rows[start : start + chunk], cols[start : start + chunk]
-            # fp32 is plenty for sampling: the CDF's rounding error (~1e-7 per step) only
-            # moves labels whose uniform lands within that distance of a bin edge.
-            cdf = torch.softmax(logits[r, c].float(), dim=-1).cumsum(dim=-1)
-            target = (u[start : start + chunk].float() * cdf[:, -1])[:, None]
-            idx = torch.searchsorted(cdf, target).squeeze(1).clamp_max(v - 1)
-            out[r, c + 1] = idx
+            out[r, c + 1] = inverse_cdf_labels(logits[r, c], u[start : start + chunk])
     return out
+
+
+def inverse_cdf_labels(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``[C]`` labels drawn from ``softmax(logits [C, V])`` at the uniforms ``u [C]``.
+
+    fp32 is plenty for sampling: the CDF's rounding error (~1e-7 per step) only moves
+    labels whose uniform lands within that distance of a bin edge.
+    """
+    with torch.no_grad():
+        cdf = torch.softmax(logits.float(), dim=-1).cumsum(dim=-1)
+        target = (u.float() * cdf[:, -1])[:, None]
+        return torch.searchsorted(cdf, target).squeeze(1).clamp_max(logits.shape[-1] - 1)
 
 
 def fisher_loss(
@@ -115,10 +123,47 @@ def fisher_loss(
         labels = sample_labels(logits, labels, lengths, doc_ids, seed)
     labels = labels.to(logits.device)
     tok = token_cross_entropy(logits, labels)
-    shift_labels = labels[:, 1:]
+    return _batch_loss(tok, labels[:, 1:] != -100, reduction)
+
+
+def fisher_loss_from_hidden(
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    labels: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    use_dataset_labels: bool = False,
+    seed: int = 0,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """:func:`fisher_loss` from the base model's last hidden states ``[N, S, H]`` and
+    the LM head, a chunk of logits at a time (``gradients/head_loss.py``): the same
+    labels, sampled from the same uniforms, and the same loss."""
+    device = hidden.device
+    targets = next_token_targets(labels.to(device))
+    sampler = None
+    if not use_dataset_labels:
+        if doc_ids is None:
+            raise ValueError("the true Fisher needs doc_ids to seed each document's labels")
+        pos = torch.arange(targets.shape[1], device=device)
+        lengths = torch.as_tensor(lengths, device=device)
+        targets = targets.masked_fill(pos[None, :] + 1 >= lengths[:, None], -100)
+        rows, cols = (targets != -100).nonzero(as_tuple=True)
+        u = torch.zeros(targets.numel(), dtype=torch.float64, device=device)
+        doc_ids = torch.as_tensor(doc_ids, device=device)
+        u[rows * targets.shape[1] + cols] = position_uniforms(doc_ids[rows], cols, seed)
+        sampler = lambda logits, flat: inverse_cdf_labels(logits, u[flat])  # noqa: E731
+    tok = chunked_token_losses(hidden, head, targets, sampler=sampler)[:, :-1]
+    return _batch_loss(tok, targets[:, :-1] != -100, reduction)
+
+
+def _batch_loss(tok: torch.Tensor, has_label: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The scalar to backpropagate from per-token losses ``[N, S - 1]``; ``mean`` divides
+    each document by the square root of its label count."""
     per_doc = tok.sum(dim=1)
     if reduction == "mean":
-        per_doc = per_doc / (shift_labels != -100).sum(dim=1).clamp_min(1).sqrt()
+        per_doc = per_doc / has_label.sum(dim=1).clamp_min(1).sqrt()
     elif reduction != "sum":
         raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {reduction!r}")
     return per_doc.sum()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import GradientConfig, HessianConfig
+from ..gradients.head_loss import head_split, last_hidden
 from ..gradients.hooks import InputGradSwitch, ModuleTaps
 from ..gradients.losses import collection_mask
 from ..gradients.modules import find_target_modules, weight_shape
@@ -29,7 +30,7 @@ from ..utils.dtypes import torch_dtype
 from .accumulator import SummedState
 from .autocorrelation import GramAccumulator
 from .ev_correction import EigenCorrectionAccumulator
-from .fisher import fisher_loss
+from .fisher import fisher_loss, fisher_loss_from_hidden
 from .specs import ModuleSpec, empty_factor_accumulators
 
 log = logging.getLogger(__name__)
@@ -124,16 +125,19 @@ class FactorFitter:
             InputGradSwitch(self.model),
             ModuleTaps(self.modules, self.router),
         ):
-            logits = self.model(input_ids).logits
-            loss = fisher_loss(
-                logits,
-                labels,
-                lengths,
+            kw = dict(
                 doc_ids=torch.as_tensor(doc_ids),
                 use_dataset_labels=self.cfg.use_dataset_labels,
                 seed=self.cfg.seed,
                 reduction=self.grad_cfg.loss_reduction,
             )
+            split = head_split(self.model)  # the loss without whole logits where it can
+            if split is None:
+                loss = fisher_loss(self.model(input_ids).logits, labels, lengths, **kw)
+            else:
+                body, head = split
+                hidden = last_hidden(body, input_ids)
+                loss = fisher_loss_from_hidden(hidden, head, labels, lengths, **kw)
             loss.backward()
         if self.router._inputs:  # a module ran forward but got no gradient
             stale = sorted(self.router._inputs)
