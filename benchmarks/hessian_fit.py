@@ -20,6 +20,7 @@ On a shared machine timings swing several-fold; with ``--reps N`` the table
 shows the fastest of the N runs of each configuration (the least disturbed).
 
     python benchmarks/hessian_fit.py [--split 'train[:400]'] [--variants process1,ray1,ray2,ray4] [--reps 1]
+                                     [--model tiny] [--token_batch_size 512]
 
 ``--variants``: ``processK`` runs in process (``--executor process``) with K shards,
 ``rayK`` on Ray with K shard actors, ``headK`` the same on a running head that the
@@ -40,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import bar_spans, bergson_cli, cpu_busy_percent, head_roots, run_timed  # noqa: E402
+from _models import model_path  # noqa: E402
 
 from bergson_ray.testing.ray_head import LocalHead  # noqa: E402
 from bergson_ray.utils.ray_env import LOOPBACK_ENV, loopback_env  # noqa: E402
@@ -48,19 +50,21 @@ ENV = {**LOOPBACK_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
        "PYTHONWARNINGS": "ignore"}  # fmt: skip
 TOKEN_BATCH = 512
-"""bergson refuses a token budget above the model's max length (512 for the tiny model)."""
+"""The default token budget: bergson refuses one above the model's max length (512 for the
+tiny model; 2048 for ``--model pythia-14m``)."""
 VARIANT = re.compile(r"(process|ray|head)(\d+)")
 
 
 def ours(
-    model: str, data: str, split: str, out: Path, variant: str, ev: bool, head: LocalHead | None
+    model: str, data: str, split: str, out: Path, variant: str, ev: bool, head: LocalHead | None,
+    token_batch: int = TOKEN_BATCH,
 ) -> dict:
     exe = Path(sys.executable).with_name("bergson-ray")
     kind, shards = VARIANT.fullmatch(variant).groups()
     where = {"process": ["--executor", "process"], "ray": ["--address", "local"]}.get(kind)
     cmd = [str(exe), "hessian", str(out), "--method", "kfac", "--ev_correction", str(ev).lower(),
            "--model", model, "--dataset", data, "--split", split, "--num_shards", shards,
-           "--token_batch_size", str(TOKEN_BATCH), *(where or ["--address", head.address]),
+           "--token_batch_size", str(token_batch), *(where or ["--address", head.address]),
            "--overwrite"]  # fmt: skip
     r = run_timed(cmd, ENV, also=head_roots(head) if kind == "head" else ())
     if r["rc"] == 0:
@@ -77,10 +81,10 @@ def ours(
     return r
 
 
-def theirs(model: str, data: str, split: str, out: Path, ev: bool) -> dict:
+def theirs(model: str, data: str, split: str, out: Path, ev: bool, token_batch: int = TOKEN_BATCH) -> dict:
     cmd = [str(bergson_cli()), "hessian", str(out), "--method", "kfac", "--ev_correction", str(ev).lower(),
            "--model", model, "--dataset", data, "--split", split,
-           "--token_batch_size", str(TOKEN_BATCH), "--overwrite", "true"]  # fmt: skip
+           "--token_batch_size", str(token_batch), "--overwrite", "true"]  # fmt: skip
     r = run_timed(cmd, ENV)
     bars = bar_spans(r, ("Approximating Hessians", "Computing eigenvectors"))
     r["fit"] = sum(bars.values()) if bars else None
@@ -103,19 +107,25 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--no-bergson", action="store_true")
     ap.add_argument("--json", help="also write all results here")
+    ap.add_argument("--model", default="tiny",
+                    help="tiny, pythia-14m / pythia-160m (random weights, written locally) or a model dir")
+    ap.add_argument("--token_batch_size", type=int, default=TOKEN_BATCH)
     args = ap.parse_args()
 
     from bergson_ray.defaults.tiny import ensure_tiny_assets
 
     assets = ensure_tiny_assets()
-    model, data = str(assets.model_dir), str(assets.corpus_dir)
+    bench_root = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir())) / "bergson_ray_bench"
+    bench_root.mkdir(parents=True, exist_ok=True)
+    model, data = model_path(args.model, bench_root), str(assets.corpus_dir)
+    tb = args.token_batch_size
     variants = args.variants.split(",")
     if bad := [v for v in variants if not VARIANT.fullmatch(v)]:
         ap.error(f"--variants: {', '.join(bad)} not processK, rayK or headK")
     have_bergson = bergson_cli() is not None and not args.no_bergson
     tmp = Path(tempfile.mkdtemp(prefix="hessian_bench_"))
     print(
-        f"tiny model {model}\ncorpus {data} split {args.split}; machine busy "
+        f"model {model}, token batch {tb}\ncorpus {data} split {args.split}; machine busy "
         f"{cpu_busy_percent():.0f}% before start; bergson {'found' if have_bergson else 'absent'}"
     )
     results: list[dict] = []
@@ -123,13 +133,13 @@ def main() -> int:
     try:
         if any(v.startswith("head") for v in variants):
             head = LocalHead(num_cpus=os.cpu_count(), env=loopback_env(**ENV))
-            warm = ours(model, data, args.split, tmp / "warm", "head1", False, head)
+            warm = ours(model, data, args.split, tmp / "warm", "head1", False, head, tb)
             print(f"head at {head.address}: first command {warm['wall']:.1f}s (not counted)")
         for rep in range(args.reps):
             for ev in (False, True):
                 label = "EK-FAC" if ev else "KFAC"
                 if have_bergson:
-                    r = theirs(model, data, args.split, tmp / f"b_{ev}", ev)
+                    r = theirs(model, data, args.split, tmp / f"b_{ev}", ev, tb)
                     results.append(
                         {"prog": "bergson", "method": label, "shards": 1, "rep": rep, **r}
                     )
@@ -141,7 +151,7 @@ def main() -> int:
                         flush=True,
                     )
                 for k in variants:
-                    r = ours(model, data, args.split, tmp / f"o_{ev}_{k}", k, ev, head)
+                    r = ours(model, data, args.split, tmp / f"o_{ev}_{k}", k, ev, head, tb)
                     results.append(
                         {"prog": "bergson_ray", "method": label, "shards": k, "rep": rep, **r}
                     )
