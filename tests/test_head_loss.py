@@ -11,8 +11,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bergson_ray.config import GradientConfig, HessianConfig
 from bergson_ray.gradients import engine as engine_mod
 from bergson_ray.gradients.engine import GradientEngine
-from bergson_ray.gradients.head_loss import chunked_token_losses, head_split
-from bergson_ray.gradients.losses import scale_logits, token_log_odds_loss
+from bergson_ray.gradients.head_loss import (
+    chunked_label_log_probs,
+    chunked_token_losses,
+    head_split,
+    last_hidden,
+)
+from bergson_ray.gradients.losses import (
+    mean_label_probability,
+    mean_of_label_probabilities,
+    next_token_targets,
+    scale_logits,
+    token_log_odds_loss,
+)
 from bergson_ray.hessians import fisher as fisher_mod
 from bergson_ray.hessians.fisher import fisher_loss, fisher_loss_from_hidden, sample_labels
 
@@ -215,3 +226,24 @@ def test_factor_fits_equal_the_full_logit_fit(method, monkeypatch):
     for name, state in dense.items():
         for key, want in state.items():
             torch.testing.assert_close(chunked[name][key], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("arch", ["neox", "gpt2"])
+def test_label_probabilities_equal_the_full_logit_ones(arch, monkeypatch):
+    """TRAK's ``p`` per document from chunked label log-probabilities equals
+    ``mean_label_probability`` on whole logits, with no tensor as large as the logits."""
+    vocab = 512
+    model = (tiny_neox if arch == "neox" else tiny_gpt2)(vocab=vocab).eval()  # no dropout
+    batch = pad_batch(random_docs((30, 17, 24, 1), vocab=vocab), prompt_lens=[0, 4, 2, 0])
+    monkeypatch.setattr("bergson_ray.gradients.head_loss.CHUNK_BYTES", 4 * vocab * 16)
+    with torch.no_grad():
+        want, count = mean_label_probability(model(batch.input_ids).logits, batch.labels)
+        body, head = head_split(model)
+        with LargestTensor() as seen:
+            log_p = chunked_label_log_probs(
+                last_hidden(body, batch.input_ids), head, next_token_targets(batch.labels)
+            )
+        got, got_count = mean_of_label_probabilities(log_p[:, :-1], batch.labels)
+    assert seen.largest < batch.input_ids.numel() * vocab / 2
+    assert torch.equal(got_count, count) and count[-1] == 0 and got[-1] == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

@@ -26,7 +26,12 @@ class LabelProbs(Rows):
 
     def compute(self, runner, idx: np.ndarray) -> dict[str, np.ndarray]:
         from ..data.batching import collate, pack_by_token_budget
-        from ..gradients.losses import mean_label_probability
+        from ..gradients.head_loss import chunked_label_log_probs, head_split, last_hidden
+        from ..gradients.losses import (
+            mean_label_probability,
+            mean_of_label_probabilities,
+            next_token_targets,
+        )
 
         idx = np.asarray(idx, dtype=np.int64)
         docs = runner.tokenize(idx)
@@ -40,12 +45,20 @@ class LabelProbs(Rows):
         )
         model = runner.engine.model
         device = runner.engine.device
+        split = head_split(model)  # no whole logits where the model allows it
         with torch.no_grad():
             for batch in plan:
                 positions = [keep[k] for k in batch]
                 packed = collate([docs[j] for j in positions])
-                logits = model(packed.input_ids.to(device)).logits
-                p, _ = mean_label_probability(logits, packed.labels.to(device))
+                ids, labels = packed.input_ids.to(device), packed.labels.to(device)
+                if split is None:
+                    p, _ = mean_label_probability(model(ids).logits, labels)
+                else:
+                    body, head = split
+                    log_p = chunked_label_log_probs(
+                        last_hidden(body, ids), head, next_token_targets(labels)
+                    )
+                    p, _ = mean_of_label_probabilities(log_p[:, :-1], labels)
                 prob[positions] = p.double().cpu().numpy()
         lengths = np.array([len(d.input_ids) for d in docs], dtype=np.int64)
         return {"idx": idx, "prob": prob, "length": lengths}

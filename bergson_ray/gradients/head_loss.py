@@ -119,6 +119,28 @@ def chunked_token_losses(
     return flat.view(shape)
 
 
+def chunked_label_log_probs(
+    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """``log p(target)`` of every position of ``head(hidden)`` (``[...]``, 0 where
+    ``targets == -100``), a chunk of logits at a time and without autograd: the forward
+    pass TRAK's ``1 - p`` weights need (``actors/label_probs.py``)."""
+    if chunk is None:
+        chunk = max(1, CHUNK_BYTES // (4 * head.out_features))
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    out = torch.zeros(flat_targets.shape, dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, len(flat_targets), chunk):
+            y = flat_targets[start : start + chunk]
+            rows = (y != -100).nonzero().squeeze(1)
+            if len(rows):
+                logits = F.linear(flat_hidden[start : start + chunk][rows], head.weight, head.bias)
+                log_p = torch.log_softmax(logits.float(), dim=-1)
+                out[start + rows] = log_p.gather(1, y[rows, None]).squeeze(1)
+    return out.view(targets.shape)
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Losses ``[T]`` of ``hidden [T, H]``; saves ``d loss_t / d hidden_t`` instead of logits."""
 

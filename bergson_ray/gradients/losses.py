@@ -115,10 +115,18 @@ def mean_label_probability(
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     logp = torch.log_softmax(shift_logits, dim=-1)
-    tok = logp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).exp()
-    valid = shift_labels != -100
+    tok = logp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return mean_of_label_probabilities(tok, labels)
+
+
+def mean_of_label_probabilities(
+    label_log_probs: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mean_label_probability` from the log-probabilities of each position's next
+    label, ``[N, S - 1]`` (any value where ``labels[:, 1:] == -100``)."""
+    valid = labels[:, 1:] != -100
     count = valid.sum(dim=1)
-    p = (tok * valid).sum(dim=1) / count.clamp_min(1)
+    p = (label_log_probs.exp() * valid).sum(dim=1) / count.clamp_min(1)
     return p, count
 
 
