@@ -62,3 +62,44 @@ def test_one_worker_all_busy_equals_steady(clock):
         mon.update(batch(3, 4 * k))
     s = mon.summary()
     assert s["all_busy_tokens_per_second"] == s["steady_tokens_per_second"] == pytest.approx(100.0)
+
+
+def windows(worker: int, first_row: int, spans) -> list[dict[str, np.ndarray]]:
+    """Output batches of ``worker``, one per ``(start, done[, tokens])`` busy span (100
+    tokens by default), 4 rows each."""
+    out = []
+    for k, (start, done, *tokens) in enumerate(spans):
+        b = batch(worker, first_row + 4 * k, tokens=(tokens or [100])[0] // 4)
+        b["done_wall"] = np.full(4, float(done))
+        b["compute_s"] = np.full(4, (done - start) / 4, dtype=np.float32)
+        out.append(b)
+    return out
+
+
+def test_all_busy_rate_from_the_workers_clocks_counts_windows_by_their_share(clock):
+    """Two workers, 100 tokens per 2-s window: A busy from 0 to 12, B from 3 to 11 with
+    an idle second at 7-8. While both exist (3 to 11) A makes 50 tokens/s and B 7 of 8
+    seconds of it at 50 (its last window: 52 tokens in 1 s): 94 tokens/s. Receipt times, here arriving all at once, could
+    not place the windows at all; partial windows at the ends count their share."""
+    a = windows(1, 0, [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)])
+    b = windows(2, 100, [(3, 5), (5, 7), (8, 10), (10, 11, 52)])
+    mon = metrics.StageMonitor("s", total=200)
+    clock[0] = 20.0
+    for out in a + b:
+        mon.update(out)
+    s = mon.summary()
+    assert s["all_busy_seconds"] == pytest.approx(8.0)
+    # A: half of (2,4), three whole windows, half of (10,12) = 400 tokens; B: 352
+    assert s["all_busy_tokens_per_second"] == pytest.approx(752 / 8, abs=0.1)
+
+
+def test_all_busy_rate_from_the_workers_clocks_one_worker_and_no_overlap(clock):
+    mon = metrics.StageMonitor("s", total=200)
+    for out in windows(5, 0, [(1, 3), (3, 5), (6, 8)]):  # an idle second inside
+        mon.update(out)
+    assert mon.summary()["all_busy_tokens_per_second"] == pytest.approx(300 / 7, abs=0.1)
+    apart = metrics.StageMonitor("s", total=200)
+    for out in windows(1, 0, [(0, 2)]) + windows(2, 100, [(3, 5)]):  # a replacement worker
+        apart.update(out)
+    s = apart.summary()
+    assert "all_busy_tokens_per_second" not in s and s["workers_seen"] == 2

@@ -187,6 +187,9 @@ class BatchWorker:
             self.faults.after_batch(self.batches, self.node)  # test hook: the one seam
         out["node"] = np.full(len(out["idx"]), self.node_key, dtype=np.int64)
         out["worker"] = np.full(len(out["idx"]), self.worker_key, dtype=np.int32)
+        # when this window was done, on this worker's clock: with compute_s it places the
+        # window's busy span, so the driver can tell when every worker was busy
+        out["done_wall"] = np.full(len(out["idx"]), time.time(), dtype=np.float64)
         out["setup_s"] = np.zeros(len(out["idx"]), dtype=np.float32)
         out["first_grad_wall"] = np.zeros(len(out["idx"]), dtype=np.float64)
         if self.batches == 1 and len(out["idx"]):

@@ -133,6 +133,9 @@ class StageMonitor:
         """``ray`` (a Ray actor pool) or ``process`` (one worker in the driver's process)."""
         self.per_worker: dict[int, list] = {}
         """worker key -> [rows, (time, tokens so far) at its first batch, ... at its last]."""
+        self.spans: dict[int, list[tuple[float, float, int]]] = {}
+        """worker key -> ``(start, done, tokens)`` of each of its windows, on its own wall
+        clock (from ``done_wall`` and ``compute_s``)."""
 
     # -- feeding ---------------------------------------------------------------------
     def update(self, batch: dict[str, np.ndarray]) -> None:
@@ -172,6 +175,8 @@ class StageMonitor:
                 seen = self.per_worker.setdefault(w, [0, (now, self.tokens), None])
                 seen[0] += c
                 seen[2] = (now, self.tokens)
+        if "done_wall" in batch and "compute_s" in batch and "worker" in batch and rows:
+            self._add_spans(batch)
         if self._first is None:
             self._first = (now, self.rows, self.tokens)
             self.first_wall = time.time()
@@ -186,6 +191,20 @@ class StageMonitor:
             except Exception as err:  # noqa: BLE001
                 log.debug("metrics: %s", err)
                 self._metrics = None
+
+    def _add_spans(self, batch: dict[str, np.ndarray]) -> None:
+        """Each window in ``batch`` (its rows share a worker and a ``done_wall``) as a
+        busy span: it ended at ``done_wall`` after the sum of its rows' ``compute_s``."""
+        worker = np.asarray(batch["worker"])
+        done = np.asarray(batch["done_wall"], dtype=np.float64)
+        busy = np.asarray(batch["compute_s"], dtype=np.float64)
+        length = np.asarray(batch["length"]) if "length" in batch else np.zeros(len(worker))
+        for w in np.unique(worker).tolist():
+            mine = worker == w
+            for d in np.unique(done[mine]).tolist():
+                window = mine & (done == d)
+                span = (d - float(busy[window].sum()), d, int(length[window].sum()))
+                self.spans.setdefault(w, []).append(span)
 
     # -- reading ---------------------------------------------------------------------
     def rates(self) -> tuple[float, float]:
@@ -246,12 +265,17 @@ class StageMonitor:
         worker still starting while another already works, and the tail where one
         finished early. Here the interval runs from the last worker's first batch to the
         first worker's last, the tokens delivered in between (all workers busy), so that
-        one and N workers compare like for like (``benchmarks/scaling.py``).
+        one and N workers compare like for like (``benchmarks/scaling.py``). Workers that
+        report when each window was done (``done_wall``) are placed on their own clocks
+        (:func:`busy_overlap_rate`); otherwise the driver's receipt times stand in, which
+        move by a window at either end of the interval.
         """
         if not self.per_worker:
             return {}
         rows = sorted(r for r, _, _ in self.per_worker.values())
         out: dict[str, Any] = {"workers_seen": len(rows), "rows_per_worker_min_max": [rows[0], rows[-1]]}
+        if self.spans.keys() == self.per_worker.keys():  # every worker said when it was busy
+            return {**out, **busy_overlap_rate(self.spans)}
         (t1, k1) = max(first for _, first, _ in self.per_worker.values())
         (t2, k2) = min(last for _, _, last in self.per_worker.values())
         if t2 > t1 and k2 > k1:
@@ -277,6 +301,30 @@ class StageMonitor:
             "first_gradient_s": first_grad - start,
         }
         return {k: round(max(v, 0.0), 3) for k, v in out.items()}
+
+
+def busy_overlap_rate(spans: dict[int, list[tuple[float, float, int]]]) -> dict[str, float]:
+    """Tokens/s from the last worker's first busy moment to the first worker's last, from
+    each window's ``(start, done, tokens)`` on its worker's clock.
+
+    A window partly inside that interval counts the share of its tokens its busy time
+    there gives (a window runs at an even pace), so the figure does not jump by a window's
+    tokens when a window ends just inside or outside the interval, as counting windows on
+    receipt does, and a worker idle between windows lowers it as it should. Empty when the
+    workers were never all busy at once.
+    """
+    t1 = max(min(s for s, _, _ in windows) for windows in spans.values())
+    t2 = min(max(d for _, d, _ in windows) for windows in spans.values())
+    if t2 <= t1:
+        return {}
+    tokens = 0.0
+    for windows in spans.values():
+        for start, done, n in windows:
+            if done > start:
+                tokens += n * max(0.0, min(done, t2) - max(start, t1)) / (done - start)
+            elif t1 <= done <= t2:
+                tokens += n
+    return {"all_busy_tokens_per_second": round(tokens / (t2 - t1), 1), "all_busy_seconds": round(t2 - t1, 3)}
 
 
 def _process_start() -> float:
