@@ -53,6 +53,10 @@ def test_process_and_ray_pools_give_the_same_results(tmp_path, ray_session, tiny
     assert summary(bp)["rows_per_node"] == {"driver": N}
     assert summary(bp)["workers_seen"] == summary(br)["workers_seen"] == 1
     assert summary(bp)["rows_per_worker_min_max"] == [N, N]
+    for run in (bp, br):  # one worker: its windows' busy spans lie inside its all-busy span
+        s = summary(run)
+        assert 0 < s["all_busy_seconds"] <= s["stage_seconds"], s
+        assert s["all_busy_tokens_per_second"] <= 1.001 * s["compute_tokens_per_second_per_worker"]
     for run in (bp, br):  # the first gradients come after the stage began, before a window is back
         st = summary(run)["startup"]
         stage_begun = st["process_to_stage_s"] + st["ray_start_s"]

@@ -181,6 +181,7 @@ class BatchWorker:
             return {"idx": idx, "error": np.array([self.init_error] * len(idx))}
         self.batches += 1
         out = guarded(lambda i: self.output.compute(self.runner, i), idx)
+        done = time.time()  # the end of the busy time compute_s measures (delivery apart)
         if "error" not in out:
             self.output.deliver(out)
         if self.faults is not None:
@@ -189,7 +190,7 @@ class BatchWorker:
         out["worker"] = np.full(len(out["idx"]), self.worker_key, dtype=np.int32)
         # when this window was done, on this worker's clock: with compute_s it places the
         # window's busy span, so the driver can tell when every worker was busy
-        out["done_wall"] = np.full(len(out["idx"]), time.time(), dtype=np.float64)
+        out["done_wall"] = np.full(len(out["idx"]), done, dtype=np.float64)
         out["setup_s"] = np.zeros(len(out["idx"]), dtype=np.float32)
         out["first_grad_wall"] = np.zeros(len(out["idx"]), dtype=np.float64)
         if self.batches == 1 and len(out["idx"]):
