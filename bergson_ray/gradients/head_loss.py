@@ -131,14 +131,18 @@ def chunked_label_log_probs(
     flat_targets = targets.reshape(-1)
     out = torch.zeros(flat_targets.shape, dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
-        for start in range(0, len(flat_targets), chunk):
-            y = flat_targets[start : start + chunk]
-            rows = (y != -100).nonzero().squeeze(1)
-            if len(rows):
-                logits = F.linear(flat_hidden[start : start + chunk][rows], head.weight, head.bias)
-                log_p = torch.log_softmax(logits.float(), dim=-1)
-                out[start + rows] = log_p.gather(1, y[rows, None]).squeeze(1)
+        for rows in label_positions(flat_targets, chunk):
+            logits = F.linear(flat_hidden[rows], head.weight, head.bias)
+            log_p = torch.log_softmax(logits.float(), dim=-1)
+            out[rows] = log_p.gather(1, flat_targets[rows, None]).squeeze(1)
     return out.view(targets.shape)
+
+
+def label_positions(targets: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    """The flat positions of ``targets [T]`` that carry a label (``!= -100``), in runs
+    of at most ``chunk``."""
+    rows = (targets != -100).nonzero().squeeze(1)
+    return list(rows.split(chunk))
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -148,22 +152,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, loss_fn, smoothing, sampler, chunk):
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         d_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        for start in range(0, hidden.shape[0], chunk):
-            stop = min(start + chunk, hidden.shape[0])
-            y = targets[start:stop]
-            valid = y != -100
-            if not bool(valid.any()):
-                continue  # padding: zero loss, zero gradient
-            logits = F.linear(hidden[start:stop], weight, bias).float()
-            if sampler is not None:
-                rows = valid.nonzero().squeeze(1)
-                y = y.clone()
-                y[rows] = sampler(logits[rows], rows + start)
-            loss, grad = _loss_and_logit_grad(logits, y.clamp(min=0), loss_fn, smoothing)
-            losses[start:stop] = loss * valid
+        # Only positions with a target reach the head: padding and each document's last
+        # position have zero loss and zero gradient, and skipping them skips their logits.
+        for rows in label_positions(targets, chunk):
+            logits = F.linear(hidden[rows], weight, bias).float()
+            y = targets[rows] if sampler is None else sampler(logits, rows)
+            loss, grad = _loss_and_logit_grad(logits, y, loss_fn, smoothing)
+            losses[rows] = loss
             if d_hidden is not None:
-                grad.mul_(valid[:, None])
-                d_hidden[start:stop] = grad.to(weight.dtype) @ weight
+                d_hidden[rows] = grad.to(weight.dtype) @ weight
         ctx.save_for_backward(d_hidden)
         return losses
 
