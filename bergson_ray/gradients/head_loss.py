@@ -14,7 +14,8 @@ the gradient of each position's loss with respect to its hidden state
 only scales those rows by the upstream gradient of each token's loss, so any weighting
 (sum, mean, advantages) stays exact. The head's matrix products are the same two as
 autograd's (logits forward, input gradient backward; the frozen head gets no weight
-gradient), so the chunked loss costs no extra compute.
+gradient), so the chunked loss costs no extra compute; and only positions with a label
+reach the head, so padding and each document's last position cost nothing there.
 
 :func:`head_split` says when this is valid: the model's logits must be exactly
 ``head(base_model(ids)[0])``, which holds for the standard HF causal LMs listed in
