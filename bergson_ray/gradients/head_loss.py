@@ -104,8 +104,6 @@ def chunked_token_losses(
     """
     if loss_fn not in ("ce", "log_odds"):
         raise ValueError(f"loss_fn must be 'ce' or 'log_odds', got {loss_fn!r}")
-    if chunk is None:
-        chunk = max(1, CHUNK_BYTES // (4 * head.out_features))
     shape = hidden.shape[:-1]
     flat = _ChunkedHeadLoss.apply(
         hidden.reshape(-1, hidden.shape[-1]),
@@ -115,7 +113,7 @@ def chunked_token_losses(
         loss_fn,
         float(label_smoothing),
         sampler,
-        int(chunk),
+        chunk or chunk_rows(head),
     )
     return flat.view(shape)
 
@@ -126,8 +124,7 @@ def chunked_label_log_probs(
     """``log p(target)`` of every position of ``head(hidden)`` (``[...]``, 0 where
     ``targets == -100``), a chunk of logits at a time and without autograd: the forward
     pass TRAK's ``1 - p`` weights need (``actors/label_probs.py``)."""
-    if chunk is None:
-        chunk = max(1, CHUNK_BYTES // (4 * head.out_features))
+    chunk = chunk or chunk_rows(head)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     out = torch.zeros(flat_targets.shape, dtype=torch.float32, device=hidden.device)
@@ -137,6 +134,11 @@ def chunked_label_log_probs(
             log_p = torch.log_softmax(logits.float(), dim=-1)
             out[rows] = log_p.gather(1, flat_targets[rows, None]).squeeze(1)
     return out.view(targets.shape)
+
+
+def chunk_rows(head: nn.Linear) -> int:
+    """Positions per head product: as many as fit ``CHUNK_BYTES`` of fp32 logits."""
+    return max(1, CHUNK_BYTES // (4 * head.out_features))
 
 
 def label_positions(targets: torch.Tensor, chunk: int) -> list[torch.Tensor]:

@@ -75,23 +75,36 @@ def sample_labels(
     lengths and ``doc_ids [N]`` the documents' dataset row indices.
     """
     n, s, v = logits.shape
-    device = logits.device
-    lengths = torch.as_tensor(lengths, device=device)
-    doc_ids = torch.as_tensor(doc_ids, device=device)
-    out = torch.full((n, s), -100, dtype=torch.long, device=device)
-    pos = torch.arange(s - 1, device=device)
-    # Position t's logits predict token t + 1.
-    wanted = (labels[:, 1:].to(device) != -100) & (pos[None, :] + 1 < lengths[:, None])
-    rows, cols = wanted.nonzero(as_tuple=True)
+    out = torch.full((n, s), -100, dtype=torch.long, device=logits.device)
+    rows, cols, u = sampled_positions(labels, lengths, doc_ids, seed, logits.device)
     if rows.numel() == 0:
         return out
-    u = position_uniforms(doc_ids[rows], cols, seed)
     chunk = max(1, SAMPLE_CHUNK_ELEMENTS // v)
     with torch.no_grad():
         for start in range(0, rows.numel(), chunk):
             r, c = rows[start : start + chunk], cols[start : start + chunk]
             out[r, c + 1] = inverse_cdf_labels(logits[r, c], u[start : start + chunk])
     return out
+
+
+def sampled_positions(
+    labels: torch.Tensor,
+    lengths: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    seed: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, cols, u)``: the positions whose logits get a sampled label (position
+    ``t`` predicts token ``t + 1``, which must carry a dataset label and lie within the
+    document) and each one's uniform."""
+    if doc_ids is None:
+        raise ValueError("the true Fisher needs doc_ids to seed each document's labels")
+    lengths = torch.as_tensor(lengths, device=device)
+    doc_ids = torch.as_tensor(doc_ids, device=device)
+    pos = torch.arange(labels.shape[1] - 1, device=device)
+    wanted = (labels[:, 1:].to(device) != -100) & (pos[None, :] + 1 < lengths[:, None])
+    rows, cols = wanted.nonzero(as_tuple=True)
+    return rows, cols, position_uniforms(doc_ids[rows], cols, seed)
 
 
 def inverse_cdf_labels(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -118,8 +131,6 @@ def fisher_loss(
 ) -> torch.Tensor:
     """Scalar loss to backpropagate once per batch (sum over documents)."""
     if not use_dataset_labels:
-        if doc_ids is None:
-            raise ValueError("the true Fisher needs doc_ids to seed each document's labels")
         labels = sample_labels(logits, labels, lengths, doc_ids, seed)
     labels = labels.to(logits.device)
     tok = token_cross_entropy(logits, labels)
@@ -144,15 +155,11 @@ def fisher_loss_from_hidden(
     targets = next_token_targets(labels.to(device))
     sampler = None
     if not use_dataset_labels:
-        if doc_ids is None:
-            raise ValueError("the true Fisher needs doc_ids to seed each document's labels")
-        pos = torch.arange(targets.shape[1], device=device)
-        lengths = torch.as_tensor(lengths, device=device)
-        targets = targets.masked_fill(pos[None, :] + 1 >= lengths[:, None], -100)
-        rows, cols = (targets != -100).nonzero(as_tuple=True)
+        rows, cols, u_rows = sampled_positions(labels, lengths, doc_ids, seed, device)
+        targets.fill_(-100)
+        targets[rows, cols] = 0  # a label goes here; the sampler draws which
         u = torch.zeros(targets.numel(), dtype=torch.float64, device=device)
-        doc_ids = torch.as_tensor(doc_ids, device=device)
-        u[rows * targets.shape[1] + cols] = position_uniforms(doc_ids[rows], cols, seed)
+        u[rows * targets.shape[1] + cols] = u_rows
         sampler = lambda logits, flat: inverse_cdf_labels(logits, u[flat])  # noqa: E731
     tok = chunked_token_losses(hidden, head, targets, sampler=sampler)[:, :-1]
     return _batch_loss(tok, targets[:, :-1] != -100, reduction)
